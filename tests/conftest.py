@@ -1,0 +1,76 @@
+"""Shared fixtures: tiny tokenizers, models and corpora built offline in a temporary folder once per session.
+
+Two text domains make adapter training measurable on a tiny model: the base model is first fully trained on
+standard-library docstrings (English prose), and adapters are then trained on standard-library source code,
+where the base model is clearly worse, so a working adapter lowers perplexity a lot.
+"""
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from types import SimpleNamespace
+
+# Set before transformers/datasets are imported anywhere, so nothing waits on the network or writes to ~/.cache.
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["HF_DATASETS_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_NO_ADVISORY_WARNINGS"] = "1"
+os.environ.setdefault("HF_HOME", tempfile.mkdtemp(prefix="hf-home-"))
+
+import pytest  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(REPO), str(REPO / "tools")]
+
+import make_tiny_assets  # noqa: E402
+
+# Arguments every test run shares: quiet, no integrations, no checkpoints unless a test asks for them.
+QUIET = ["--report_to", "none", "--disable_tqdm", "true", "--save_strategy", "no", "--seed", "7"]
+
+
+@pytest.fixture(scope="session")
+def assets(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("assets")
+    train, validation = make_tiny_assets.build_corpus(folder)
+    code_train, code_validation = make_tiny_assets.build_code_corpus(folder)
+    gpt2_tokenizer = make_tiny_assets.build_tokenizer("gpt2", [train], folder / "gpt2-tokenizer")
+    roberta_tokenizer = make_tiny_assets.build_tokenizer("roberta", [train], folder / "roberta-tokenizer")
+    return SimpleNamespace(
+        folder=folder,
+        train=train,
+        validation=validation,
+        code_train=code_train,
+        code_validation=code_validation,
+        gpt2_tokenizer=gpt2_tokenizer,
+        roberta_tokenizer=roberta_tokenizer,
+        tiny_gpt2=make_tiny_assets.build_model("gpt2", gpt2_tokenizer, folder / "tiny-gpt2"),
+        tiny_roberta=make_tiny_assets.build_model("roberta", roberta_tokenizer, folder / "tiny-roberta"),
+    )
+
+
+@pytest.fixture(scope="session")
+def pretrained_gpt2(assets, tmp_path_factory):
+    """A tiny GPT-2 fully trained for one epoch on docstrings: the 'pretrained' base that adapters adapt."""
+    import run_clm
+
+    output_dir = tmp_path_factory.mktemp("pretrained-gpt2")
+    run_clm.main([
+        "--model_name_or_path", str(assets.tiny_gpt2), "--train_file", str(assets.train),
+        "--do_train", "--num_train_epochs", "1", "--learning_rate", "3e-3", "--block_size", "64",
+        "--per_device_train_batch_size", "8", "--output_dir", str(output_dir), "--overwrite_output_dir", *QUIET,
+    ])
+    return output_dir
+
+
+def read_json(path):
+    return json.loads(Path(path).read_text())
+
+
+def run_script(script, *args, cwd=None):
+    """Run a script as a user would, in a new process; returns the CompletedProcess with text output."""
+    return subprocess.run(
+        [sys.executable, str(REPO / script), *map(str, args)],
+        capture_output=True, text=True, cwd=cwd, env=os.environ.copy(), timeout=600,
+    )

@@ -467,16 +467,6 @@ def preprocess(raw_datasets, tokenizer, block_size, data_args, training_args):
         finally:
             tokenizer_logger.setLevel(previous_level)
 
-    def group_texts(examples):
-        # Each batch is concatenated and cut on its own, so at most block_size - 1 tokens per batch are dropped.
-        groups = {}
-        for key, sequences in examples.items():
-            flat = np.fromiter(chain.from_iterable(sequences), dtype=np.int64)
-            usable = len(flat) // block_size * block_size
-            groups[key] = flat[:usable].reshape(-1, block_size)
-        groups["labels"] = groups["input_ids"].copy()
-        return groups
-
     map_kwargs = {}
     if not data_args.streaming:
         map_kwargs = {"num_proc": data_args.preprocessing_num_workers, "load_from_cache_file": not data_args.overwrite_cache}
@@ -486,12 +476,28 @@ def preprocess(raw_datasets, tokenizer, block_size, data_args, training_args):
             **describe("Tokenizing", data_args),
         )
         lm_datasets = tokenized.map(
-            group_texts, batched=True, **map_kwargs, **describe(f"Grouping texts in blocks of {block_size}", data_args)
+            group_texts, batched=True, fn_kwargs={"block_size": block_size}, **map_kwargs,
+            **describe(f"Grouping texts in blocks of {block_size}", data_args),
         )
     for split, dataset in lm_datasets.items():
         if next(iter(dataset), None) is None:
             raise UsageError(no_block_message(split, tokenized[split], block_size, data_args))
     return lm_datasets
+
+
+def group_texts(examples, block_size):
+    """Concatenate a batch of tokenized texts and cut it into blocks of block_size tokens, labels = inputs.
+
+    Each batch is cut on its own, so at most block_size - 1 tokens per batch are dropped. Array operations
+    instead of chaining Python lists make this several times faster on large corpora.
+    """
+    groups = {}
+    for key, sequences in examples.items():
+        flat = np.fromiter(chain.from_iterable(sequences), dtype=np.int64)
+        usable = len(flat) // block_size * block_size
+        groups[key] = flat[:usable].reshape(-1, block_size)
+    groups["labels"] = groups["input_ids"].copy()
+    return groups
 
 
 def column_names_of(dataset):
@@ -605,9 +611,9 @@ def main(argv=None):
     last_checkpoint = detect_last_checkpoint(training_args)
     set_seed(training_args.seed)
 
-    raw_datasets = load_raw_datasets(model_args, data_args, training_args)
     config = load_config(model_args)
     tokenizer = load_tokenizer(model_args)
+    raw_datasets = load_raw_datasets(model_args, data_args, training_args)
     model = load_model(model_args, config, tokenizer)
     setup_adapter(model, model_args, adapter_args)
 

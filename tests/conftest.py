@@ -64,6 +64,20 @@ def pretrained_gpt2(assets, tmp_path_factory):
     return output_dir
 
 
+@pytest.fixture(scope="session")
+def pretrained_roberta(assets, tmp_path_factory):
+    """A tiny RoBERTa fully trained for one epoch on docstrings: the 'pretrained' base that adapters adapt."""
+    import run_mlm
+
+    output_dir = tmp_path_factory.mktemp("pretrained-roberta")
+    run_mlm.main([
+        "--model_name_or_path", str(assets.tiny_roberta), "--train_file", str(assets.train),
+        "--do_train", "--num_train_epochs", "1", "--learning_rate", "3e-3", "--max_seq_length", "64",
+        "--per_device_train_batch_size", "8", "--output_dir", str(output_dir), "--overwrite_output_dir", *QUIET,
+    ])
+    return output_dir
+
+
 def read_json(path):
     return json.loads(Path(path).read_text())
 

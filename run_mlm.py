@@ -1,0 +1,730 @@
+#!/usr/bin/env python
+"""Fine-tune a masked language model (BERT/RoBERTa style) with an adapter, or fully, on a text dataset.
+
+The command line follows the Hugging Face / AdapterHub `run_mlm.py` examples flag for flag, for example:
+
+    python run_mlm.py --model_name_or_path roberta-base --dataset_name wikitext --dataset_config_name wikitext-2-raw-v1 \
+        --do_train --do_eval --output_dir /tmp/test-mlm --train_adapter --adapter_config seq_bn
+
+Local files work the same way offline (`--train_file`, `--validation_file`, or a folder as `--dataset_name`).
+Run `python run_mlm.py --help` for every flag. Perplexity and accuracy on the masked tokens land in
+`<output_dir>/all_results.json`; the trained adapter in `<output_dir>/<adapter_name>/`.
+"""
+
+import json
+import logging
+import math
+import os
+import sys
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from itertools import chain
+from pathlib import Path
+from typing import Optional
+
+import datasets
+import numpy as np
+import torch
+import transformers
+from datasets import DatasetDict, IterableDatasetDict, load_dataset, load_from_disk
+from datasets.exceptions import DatasetNotFoundError
+from transformers import (
+    CONFIG_MAPPING,
+    AutoConfig,
+    AutoModelForMaskedLM,
+    AutoTokenizer,
+    DataCollatorForLanguageModeling,
+    HfArgumentParser,
+    Trainer,
+    TrainingArguments,
+    set_seed,
+)
+from transformers.trainer_utils import get_last_checkpoint
+
+import adapters
+from adapters import AdapterArguments, AdapterConfig, AdapterTrainer, setup_adapter_training
+
+logger = logging.getLogger(__name__)
+
+# File extensions accepted by --train_file/--validation_file, mapped to the `datasets` builder that reads them.
+FILE_BUILDERS = {"txt": "text", "csv": "csv", "json": "json", "jsonl": "json", "parquet": "parquet"}
+MAX_DEFAULT_SEQ_LENGTH = 1024
+# Models whose position ids start after the padding index, so that pad_token_id + 1 positions are never used.
+POSITIONS_AFTER_PADDING = {"roberta", "xlm-roberta", "camembert", "data2vec-text", "roberta-prelayernorm", "xmod"}
+
+
+class UsageError(Exception):
+    """A mistake in the command line or its inputs: reported as one line on stderr, exit status 2."""
+
+
+@dataclass
+class ModelArguments:
+    """Which model, config and tokenizer to start from."""
+
+    model_name_or_path: Optional[str] = field(
+        default=None,
+        metadata={
+            "help": "Hub name or local folder of the pretrained model to start from. "
+            "Leave unset to build a new model from --model_type (and --config_overrides)."
+        },
+    )
+    model_type: Optional[str] = field(
+        default=None,
+        metadata={
+            "help": "Model architecture to build from scratch when --model_name_or_path is unset: a transformers "
+            "model type such as roberta, bert or distilbert."
+        },
+    )
+    config_overrides: Optional[str] = field(
+        default=None,
+        metadata={
+            "help": "Config values to change when building a model from scratch, as key=value pairs separated by "
+            "commas, e.g. n_embd=64,n_layer=2,n_head=2. Not combinable with --model_name_or_path or --config_name."
+        },
+    )
+    config_name: Optional[str] = field(
+        default=None, metadata={"help": "Config name or path, if different from --model_name_or_path."}
+    )
+    tokenizer_name: Optional[str] = field(
+        default=None, metadata={"help": "Tokenizer name or path, if different from --model_name_or_path."}
+    )
+    cache_dir: Optional[str] = field(
+        default=None, metadata={"help": "Where to cache models and datasets downloaded from the hub."}
+    )
+    use_fast_tokenizer: bool = field(
+        default=True, metadata={"help": "Use a fast (Rust `tokenizers`) tokenizer when the model has one."}
+    )
+    model_revision: str = field(
+        default="main", metadata={"help": "Model version to use: a branch name, tag name or commit id."}
+    )
+    token: Optional[str] = field(
+        default=None,
+        metadata={"help": "Hub access token for private models; defaults to the one stored by `hf auth login`."},
+    )
+    trust_remote_code: bool = field(
+        default=False,
+        metadata={
+            "help": "Allow running model code from the hub repository. Only set this for repositories you trust "
+            "and whose code you have read."
+        },
+    )
+    torch_dtype: Optional[str] = field(
+        default=None,
+        metadata={
+            "help": "Load the model weights in this dtype; 'auto' takes the dtype stored with the weights.",
+            "choices": ["auto", "bfloat16", "float16", "float32"],
+        },
+    )
+    low_cpu_mem_usage: bool = field(
+        default=False,
+        metadata={
+            "help": "Load the pretrained model without first building a randomly initialised copy, which saves "
+            "memory and time for large models."
+        },
+    )
+    adapter_name: str = field(
+        default="mlm",
+        metadata={"help": "Name of the trained adapter; it is saved in <output_dir>/<adapter_name>/."},
+    )
+
+
+@dataclass
+class DataTrainingArguments:
+    """Which data to train and evaluate on, and how to cut it into examples."""
+
+    dataset_name: Optional[str] = field(
+        default=None,
+        metadata={"help": "Hub dataset name, or a local folder of data files or of a dataset saved with save_to_disk."},
+    )
+    dataset_config_name: Optional[str] = field(
+        default=None, metadata={"help": "Configuration of the hub dataset, e.g. wikitext-2-raw-v1."}
+    )
+    train_file: Optional[str] = field(
+        default=None, metadata={"help": "Training data file: .txt, .csv, .json, .jsonl or .parquet."}
+    )
+    validation_file: Optional[str] = field(
+        default=None,
+        metadata={"help": "Validation data file (same formats) to compute perplexity and accuracy on."},
+    )
+    max_train_samples: Optional[int] = field(
+        default=None,
+        metadata={"help": "Keep only the first this many training blocks, for debugging or quicker runs."},
+    )
+    max_eval_samples: Optional[int] = field(
+        default=None,
+        metadata={"help": "Keep only the first this many validation blocks, for debugging or quicker runs."},
+    )
+    streaming: bool = field(
+        default=False,
+        metadata={"help": "Read the data as a stream instead of loading it whole; needs --max_steps to train."},
+    )
+    max_seq_length: Optional[int] = field(
+        default=None,
+        metadata={
+            "help": "Length in tokens of each example: texts are concatenated and cut to it, or with "
+            "--line_by_line truncated to it. Default: the smallest of 1024 and the model's and tokenizer's "
+            "length limits; larger values are clamped to them."
+        },
+    )
+    overwrite_cache: bool = field(
+        default=False, metadata={"help": "Redo tokenization and grouping instead of using the `datasets` cache."}
+    )
+    validation_split_percentage: Optional[int] = field(
+        default=5,
+        metadata={
+            "help": "Percentage of the training data held out for validation when the data has no validation "
+            "split (when streaming, every (100/percentage)-th example)."
+        },
+    )
+    preprocessing_num_workers: Optional[int] = field(
+        default=None, metadata={"help": "Number of processes for tokenization and grouping."}
+    )
+    mlm_probability: float = field(
+        default=0.15, metadata={"help": "Fraction of tokens to mask for the masked language modeling loss."}
+    )
+    line_by_line: bool = field(
+        default=False,
+        metadata={"help": "Treat each non-empty line (row) as its own example instead of concatenating texts."},
+    )
+    pad_to_max_length: bool = field(
+        default=False,
+        metadata={
+            "help": "With --line_by_line, pad every example to --max_seq_length; otherwise each batch is padded "
+            "to its longest example (faster)."
+        },
+    )
+
+
+def parse_arguments(argv):
+    """Read the four argument groups from the command line, or from a single .json file of arguments."""
+    parser = HfArgumentParser((ModelArguments, DataTrainingArguments, TrainingArguments, AdapterArguments))
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if len(argv) == 1 and argv[0].endswith(".json"):
+        return parse_json_arguments(parser, Path(argv[0]))
+    return parser.parse_args_into_dataclasses(args=argv)
+
+
+def parse_json_arguments(parser, json_path):
+    if not json_path.is_file():
+        raise UsageError(f"The arguments file {json_path} does not exist; give the path of an existing .json file.")
+    try:
+        return parser.parse_json_file(json_file=json_path.resolve())
+    except json.JSONDecodeError as error:
+        raise UsageError(f"The arguments file {json_path} is not valid JSON ({error}); fix the file.") from None
+    except ValueError as error:  # HfArgumentParser names the keys that match no flag
+        raise UsageError(f"The arguments file {json_path} has {error}; remove or rename those keys.") from None
+
+
+def setup_logging(training_args):
+    logging.basicConfig(
+        format="%(asctime)s - %(levelname)s - %(name)s - %(message)s",
+        datefmt="%m/%d/%Y %H:%M:%S",
+        handlers=[logging.StreamHandler(sys.stdout)],
+    )
+    # Only the main process logs at the chosen level, so that N processes do not print everything N times.
+    log_level = training_args.get_process_log_level()
+    logger.setLevel(log_level)
+    datasets.utils.logging.set_verbosity(log_level)
+    transformers.utils.logging.set_verbosity(log_level)
+    transformers.utils.logging.enable_default_handler()
+    transformers.utils.logging.enable_explicit_format()
+    logger.warning(
+        f"Process rank: {training_args.local_rank}, device: {training_args.device}, n_gpu: {training_args.n_gpu}, "
+        f"distributed training: {training_args.parallel_mode.value == 'distributed'}, "
+        f"16-bit training: {training_args.fp16 or training_args.bf16}"
+    )
+
+
+def check_arguments(model_args, data_args, training_args, adapter_args):
+    """Refuse mistakes before anything slow happens, each with one sentence naming the flag and the fix."""
+    if data_args.dataset_name is None and data_args.train_file is None and data_args.validation_file is None:
+        raise UsageError("No data given: pass --dataset_name, or --train_file and/or --validation_file.")
+    for flag, path in (("--train_file", data_args.train_file), ("--validation_file", data_args.validation_file)):
+        if path is None:
+            continue
+        extension = path.rsplit(".", 1)[-1].lower()
+        if extension not in FILE_BUILDERS:
+            raise UsageError(
+                f"{flag} {path} has an unsupported extension; use one of: {', '.join('.' + e for e in FILE_BUILDERS)}."
+            )
+        if not os.path.isfile(path):
+            raise UsageError(f"{flag} {path} does not exist; check the path.")
+    if training_args.do_train and data_args.dataset_name is None and data_args.train_file is None:
+        raise UsageError("--do_train needs training data: pass --train_file or --dataset_name.")
+    if model_args.config_overrides and (model_args.model_name_or_path or model_args.config_name):
+        raise UsageError(
+            "--config_overrides only applies to a model built from scratch: drop it, or drop "
+            "--model_name_or_path/--config_name and pass --model_type instead."
+        )
+    if not (model_args.model_name_or_path or model_args.config_name or model_args.model_type):
+        raise UsageError("No model given: pass --model_name_or_path, or --model_type to build one from scratch.")
+    if model_args.model_type is not None and model_args.model_type not in CONFIG_MAPPING:
+        raise UsageError(
+            f"--model_type {model_args.model_type} is not a transformers model type; use one such as roberta or bert."
+        )
+    if not (model_args.tokenizer_name or model_args.model_name_or_path):
+        raise UsageError(
+            "A model built from scratch still needs a tokenizer: pass --tokenizer_name with a hub name or a folder "
+            "saved with save_pretrained."
+        )
+    if data_args.max_seq_length is not None and data_args.max_seq_length < 1:
+        raise UsageError(f"--max_seq_length {data_args.max_seq_length} must be a positive number of tokens.")
+    if not 0 < data_args.mlm_probability < 1:
+        raise UsageError(
+            f"--mlm_probability {data_args.mlm_probability} must be between 0 and 1 (exclusive), e.g. 0.15."
+        )
+    if not 0 < data_args.validation_split_percentage < 100:
+        raise UsageError(
+            f"--validation_split_percentage {data_args.validation_split_percentage} must be between 1 and 99."
+        )
+    for flag, value in (("--max_train_samples", data_args.max_train_samples),
+                        ("--max_eval_samples", data_args.max_eval_samples)):
+        if value is not None and value < 1:
+            raise UsageError(f"{flag} {value} must be a positive number of blocks; leave it out to keep them all.")
+    if data_args.streaming and training_args.do_train and training_args.max_steps <= 0:
+        raise UsageError("--streaming has no known length to plan epochs with: pass --max_steps as well.")
+    if training_args.resume_from_checkpoint and not os.path.isdir(training_args.resume_from_checkpoint):
+        raise UsageError(
+            f"--resume_from_checkpoint {training_args.resume_from_checkpoint} is not a folder; give a checkpoint "
+            "folder such as <output_dir>/checkpoint-500."
+        )
+    if not adapter_args.train_adapter and (adapter_args.load_adapter or adapter_args.load_lang_adapter):
+        raise UsageError("--load_adapter and --load_lang_adapter need --train_adapter as well.")
+    if adapter_args.train_adapter:
+        try:
+            AdapterConfig.load(adapter_args.adapter_config)
+        except (ValueError, TypeError, KeyError, OSError) as error:
+            raise UsageError(
+                f"--adapter_config {adapter_args.adapter_config} is not an adapter configuration ({error}); use a "
+                "name such as seq_bn, lora or prefix_tuning, or a path to a config .json file."
+            ) from None
+
+
+def detect_last_checkpoint(training_args):
+    """Find the checkpoint to resume from, and refuse to train into a folder that holds other work."""
+    output_dir = training_args.output_dir
+    if not (training_args.do_train and os.path.isdir(output_dir)) or training_args.overwrite_output_dir:
+        return None
+    last_checkpoint = get_last_checkpoint(output_dir)
+    if last_checkpoint is None and os.listdir(output_dir):
+        raise UsageError(
+            f"--output_dir {output_dir} already exists, is not empty and holds no checkpoint to resume from; "
+            "choose another folder, or pass --overwrite_output_dir to train into it anyway."
+        )
+    if last_checkpoint is not None and training_args.resume_from_checkpoint is None:
+        logger.info(
+            f"Resuming training from {last_checkpoint}; pass --overwrite_output_dir to start from scratch instead."
+        )
+    return last_checkpoint
+
+
+def load_raw_datasets(model_args, data_args, training_args):
+    """Load the train and validation splits that the run needs, carving validation out of train if missing."""
+    hub_kwargs = {"cache_dir": model_args.cache_dir, "token": model_args.token, "streaming": data_args.streaming}
+    if data_args.dataset_name is not None:
+        if is_saved_dataset(data_args.dataset_name):
+            raw_datasets = load_from_disk(data_args.dataset_name)
+            if isinstance(raw_datasets, datasets.Dataset):
+                raw_datasets = DatasetDict(train=raw_datasets)
+            if data_args.streaming:
+                raw_datasets = IterableDatasetDict({k: v.to_iterable_dataset() for k, v in raw_datasets.items()})
+        else:
+            with reported_as_usage_error("--dataset_name", data_args.dataset_name):
+                raw_datasets = load_dataset(data_args.dataset_name, data_args.dataset_config_name, **hub_kwargs)
+    else:
+        data_files = {}
+        if data_args.train_file is not None:
+            data_files["train"] = data_args.train_file
+        if data_args.validation_file is not None:
+            data_files["validation"] = data_args.validation_file
+        extension = next(iter(data_files.values())).rsplit(".", 1)[-1].lower()
+        builder = FILE_BUILDERS[extension]
+        raw_datasets = load_dataset(builder, data_files=data_files, **hub_kwargs)
+    if "validation" not in raw_datasets and "train" in raw_datasets:
+        raw_datasets = carve_validation_split(raw_datasets["train"], data_args.validation_split_percentage)
+    needed = [split for split, wanted in (("train", training_args.do_train), ("validation", training_args.do_eval)) if wanted]
+    for split in needed:
+        if split not in raw_datasets:
+            raise UsageError(f"The data has no {split} split; pass --{split}_file or a dataset that has one.")
+    return type(raw_datasets)({split: raw_datasets[split] for split in needed})
+
+
+@contextmanager
+def reported_as_usage_error(flag, name):
+    """Turn a failed load of a hub name or local path into one line naming the flag."""
+    try:
+        yield
+    except (OSError, ConnectionError, DatasetNotFoundError) as error:
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise UsageError(
+            f"{flag} {name} could not be loaded ({reason}); give a local folder, or a hub name while online."
+        ) from None
+
+
+def is_saved_dataset(path):
+    folder = Path(path)
+    return (folder / "dataset_dict.json").is_file() or (folder / "state.json").is_file()
+
+
+def carve_validation_split(train, percentage):
+    if isinstance(train, datasets.IterableDataset):
+        # A stream has no length to take a percentage of, so every n-th example goes to validation instead.
+        every = max(2, round(100 / percentage))
+        return IterableDatasetDict(
+            train=train.filter(lambda _, index: index % every != 0, with_indices=True),
+            validation=train.filter(lambda _, index: index % every == 0, with_indices=True),
+        )
+    held_out = math.ceil(len(train) * percentage / 100)
+    return DatasetDict(train=train.select(range(held_out, len(train))), validation=train.select(range(held_out)))
+
+
+def load_config(model_args):
+    hub_kwargs = {
+        "cache_dir": model_args.cache_dir,
+        "revision": model_args.model_revision,
+        "token": model_args.token,
+        "trust_remote_code": model_args.trust_remote_code,
+    }
+    if model_args.config_name or model_args.model_name_or_path:
+        flag, name = ("--config_name", model_args.config_name) if model_args.config_name else (
+            "--model_name_or_path", model_args.model_name_or_path)
+        with reported_as_usage_error(flag, name):
+            return AutoConfig.from_pretrained(name, **hub_kwargs)
+    config = CONFIG_MAPPING[model_args.model_type]()
+    logger.warning(f"Building a new {model_args.model_type} model from scratch.")
+    if model_args.config_overrides:
+        logger.info(f"Overriding config: {model_args.config_overrides}")
+        try:
+            config.update_from_string(model_args.config_overrides)
+        except ValueError as error:
+            raise UsageError(
+                f"--config_overrides {model_args.config_overrides} does not fit a {model_args.model_type} config "
+                f"({error}); use key=value pairs separated by commas with keys of that config."
+            ) from None
+    return config
+
+
+def load_tokenizer(model_args):
+    flag, name = ("--tokenizer_name", model_args.tokenizer_name) if model_args.tokenizer_name else (
+        "--model_name_or_path", model_args.model_name_or_path)
+    with reported_as_usage_error(flag, name):
+        tokenizer = AutoTokenizer.from_pretrained(
+            name,
+            cache_dir=model_args.cache_dir,
+            use_fast=model_args.use_fast_tokenizer,
+            revision=model_args.model_revision,
+            token=model_args.token,
+            trust_remote_code=model_args.trust_remote_code,
+        )
+    if tokenizer.mask_token is None:
+        raise UsageError(
+            f"{flag} {name} has no mask token, so it cannot train a masked language model; use the tokenizer of "
+            "one such as roberta-base or bert-base-uncased (or run_clm.py for causal language modeling)."
+        )
+    return tokenizer
+
+
+def load_model(model_args, config, tokenizer):
+    if model_args.model_name_or_path:
+        dtype = model_args.torch_dtype if model_args.torch_dtype in ("auto", None) else getattr(torch, model_args.torch_dtype)
+        model = AutoModelForMaskedLM.from_pretrained(
+            model_args.model_name_or_path,
+            config=config,
+            cache_dir=model_args.cache_dir,
+            revision=model_args.model_revision,
+            token=model_args.token,
+            trust_remote_code=model_args.trust_remote_code,
+            dtype=dtype,
+            low_cpu_mem_usage=model_args.low_cpu_mem_usage,
+        )
+    else:
+        model = AutoModelForMaskedLM.from_config(config, trust_remote_code=model_args.trust_remote_code)
+        logger.info(f"New model: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters")
+    # A tokenizer with more tokens than the model's embedding would index past it; fewer tokens are harmless.
+    if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
+        model.resize_token_embeddings(len(tokenizer))
+    return model
+
+
+def setup_adapter(model, model_args, adapter_args):
+    """With --train_adapter, add a fresh (or loaded) adapter to the model and freeze everything else."""
+    if adapter_args.train_adapter:
+        # A model saved by an adapters-initialised full fine-tuning carries an "adapters" dict in its config;
+        # adapters.init would share it with the new adapter setup, whose objects can then not be written to JSON.
+        if isinstance(getattr(model.config, "adapters", None), dict):
+            del model.config.adapters
+        adapters.init(model)
+        setup_adapter_training(model, adapter_args, model_args.adapter_name)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    logger.info(f"Trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.2f}%)")
+
+
+def choose_max_seq_length(data_args, tokenizer, config):
+    limits = [tokenizer.model_max_length]
+    if getattr(config, "max_position_embeddings", None):
+        positions = config.max_position_embeddings
+        if config.model_type in POSITIONS_AFTER_PADDING:
+            positions -= config.pad_token_id + 1
+        limits.append(positions)
+    limit = min(limits)
+    if data_args.max_seq_length is None:
+        return min(MAX_DEFAULT_SEQ_LENGTH, limit)
+    if data_args.max_seq_length > limit:
+        logger.warning(
+            f"--max_seq_length {data_args.max_seq_length} is longer than the model and tokenizer allow; using {limit}."
+        )
+        return limit
+    return data_args.max_seq_length
+
+
+def preprocess(raw_datasets, tokenizer, max_seq_length, data_args, training_args):
+    """Tokenize the texts into examples of max_seq_length tokens: one per line, or concatenated and cut."""
+    column_names = column_names_of(next(iter(raw_datasets.values())))
+    text_column = "text" if "text" in column_names else column_names[0]
+    tokenizer_logger = transformers.utils.logging.get_logger("transformers.tokenization_utils_base")
+    line_kwargs = {}
+    if data_args.line_by_line:
+        padding = "max_length" if data_args.pad_to_max_length else False
+        line_kwargs = {"padding": padding, "truncation": True, "max_length": max_seq_length}
+
+    def tokenize(examples):
+        texts = examples[text_column]
+        if data_args.line_by_line:
+            texts = [text for text in texts if text and not text.isspace()]
+        # Texts longer than the model's limit are expected here: grouping cuts them into blocks afterwards.
+        previous_level = tokenizer_logger.level
+        tokenizer_logger.setLevel(logging.ERROR)
+        try:
+            # The special-tokens mask keeps <s>, </s> and padding out of the masking.
+            return tokenizer(texts, return_special_tokens_mask=True, **line_kwargs)
+        finally:
+            tokenizer_logger.setLevel(previous_level)
+
+    map_kwargs = {}
+    if not data_args.streaming:
+        map_kwargs = {"num_proc": data_args.preprocessing_num_workers, "load_from_cache_file": not data_args.overwrite_cache}
+    with training_args.main_process_first(desc="tokenizing and grouping"):
+        # Every column is removed, so extra columns of csv/json files never reach the model.
+        tokenized = raw_datasets.map(
+            tokenize, batched=True, remove_columns=column_names, **map_kwargs,
+            **describe("Tokenizing", data_args),
+        )
+        lm_datasets = tokenized if data_args.line_by_line else tokenized.map(
+            group_texts, batched=True, fn_kwargs={"block_size": max_seq_length}, **map_kwargs,
+            **describe(f"Grouping texts in blocks of {max_seq_length}", data_args),
+        )
+    for split, dataset in lm_datasets.items():
+        if next(iter(dataset), None) is None:
+            raise UsageError(no_block_message(split, tokenized[split], max_seq_length, data_args))
+    return lm_datasets
+
+
+def group_texts(examples, block_size):
+    """Concatenate a batch of tokenized texts and cut it into blocks of block_size tokens.
+
+    Each batch is cut on its own, so at most block_size - 1 tokens per batch are dropped. Array operations
+    instead of chaining Python lists make this several times faster on large corpora.
+    """
+    groups = {}
+    for key, sequences in examples.items():
+        flat = np.fromiter(chain.from_iterable(sequences), dtype=np.int64)
+        usable = len(flat) // block_size * block_size
+        groups[key] = flat[:usable].reshape(-1, block_size)
+    return groups
+
+
+def column_names_of(dataset):
+    if dataset.column_names is not None:
+        return dataset.column_names
+    return list(next(iter(dataset)).keys())  # streamed json/csv: the columns are known once an example is read
+
+
+def describe(description, data_args):
+    # Progress bars come with `desc`; streamed datasets are processed lazily and take no such argument.
+    return {} if data_args.streaming else {"desc": description}
+
+
+def no_block_message(split, tokenized_split, max_seq_length, data_args):
+    if data_args.line_by_line:
+        return f"The {split} data has no non-empty line to make an example of; check the file and its text column."
+    if data_args.streaming:
+        size = "too few tokens"
+    else:
+        size = f"{sum(len(ids) for ids in tokenized_split['input_ids']):,} tokens in {len(tokenized_split):,} texts"
+    return (
+        f"The {split} data has {size}, not enough for one block of {max_seq_length} tokens; "
+        "pass a smaller --max_seq_length, --line_by_line, or more data."
+    )
+
+
+def select_samples(lm_datasets, data_args):
+    train_dataset = take_first(lm_datasets.get("train"), data_args.max_train_samples)
+    eval_dataset = take_first(lm_datasets.get("validation"), data_args.max_eval_samples)
+    return train_dataset, eval_dataset
+
+
+def take_first(dataset, count):
+    if dataset is None or count is None:
+        return dataset
+    if isinstance(dataset, datasets.IterableDataset):
+        return dataset.take(count)
+    return dataset.select(range(min(count, len(dataset))))
+
+
+def preprocess_logits_for_metrics(logits, labels):
+    # Keep only the predicted token ids: gathering full logits over an eval set would need vocab-size times the memory.
+    if isinstance(logits, tuple):
+        logits = logits[0]
+    return logits.argmax(dim=-1)
+
+
+def compute_metrics(eval_prediction):
+    predictions, labels = eval_prediction
+    # Only the masked positions carry a label; every other position is -100.
+    counted = labels != -100
+    return {"accuracy": float((predictions[counted] == labels[counted]).mean())}
+
+
+class MaskingCollator(DataCollatorForLanguageModeling):
+    """Masks training batches afresh every time; validation examples, masked once beforehand, are only padded."""
+
+    def torch_call(self, examples):
+        if "labels" not in examples[0]:
+            return super().torch_call(examples)
+        labels = [example["labels"] for example in examples]
+        inputs = [{key: value for key, value in example.items() if key != "labels"} for example in examples]
+        batch = self.tokenizer.pad(inputs, return_tensors="pt", pad_to_multiple_of=self.pad_to_multiple_of)
+        length = batch["input_ids"].shape[1]
+        padded = [
+            [-100] * (length - len(row)) + list(row) if self.tokenizer.padding_side == "left"
+            else list(row) + [-100] * (length - len(row))
+            for row in labels
+        ]
+        batch["labels"] = torch.tensor(padded, dtype=torch.long)
+        return batch
+
+
+def build_data_collator(tokenizer, data_args, training_args):
+    # Batches padded to a multiple of 8 let fp16/bf16 matrix kernels run at full speed.
+    pad_to_multiple_of_8 = (
+        data_args.line_by_line and not data_args.pad_to_max_length and (training_args.fp16 or training_args.bf16)
+    )
+    return MaskingCollator(
+        tokenizer=tokenizer,
+        mlm_probability=data_args.mlm_probability,
+        pad_to_multiple_of=8 if pad_to_multiple_of_8 else None,
+    )
+
+
+def mask_eval_dataset(eval_dataset, data_collator, data_args, seed):
+    """Mask the validation examples once, identically for every run with this seed, so eval losses compare."""
+    if eval_dataset is None:
+        return None
+    masker = DataCollatorForLanguageModeling(data_collator.tokenizer, mlm_probability=data_collator.mlm_probability)
+
+    def mask(example, index):
+        # A generator per example, seeded by its position: the masks depend on neither batching nor workers.
+        masker.generator = torch.Generator().manual_seed(seed * 1_000_003 + index)
+        input_ids, labels = masker.torch_mask_tokens(
+            torch.tensor([example["input_ids"]]), special_tokens_mask=torch.tensor([example["special_tokens_mask"]])
+        )
+        return {"input_ids": input_ids[0].tolist(), "labels": labels[0].tolist()}
+
+    return eval_dataset.map(
+        mask, with_indices=True, remove_columns=["special_tokens_mask"], **describe("Masking validation data", data_args)
+    )
+
+
+def build_trainer(model, tokenizer, data_collator, train_dataset, eval_dataset, training_args, adapter_args):
+    trainer_class = AdapterTrainer if adapter_args.train_adapter else Trainer
+    return trainer_class(
+        model=model,
+        args=training_args,
+        train_dataset=train_dataset,
+        eval_dataset=eval_dataset,
+        processing_class=tokenizer,
+        data_collator=data_collator,
+        compute_metrics=compute_metrics if training_args.do_eval else None,
+        preprocess_logits_for_metrics=preprocess_logits_for_metrics if training_args.do_eval else None,
+    )
+
+
+def train(trainer, train_dataset, last_checkpoint, training_args):
+    checkpoint = training_args.resume_from_checkpoint or last_checkpoint
+    train_result = trainer.train(resume_from_checkpoint=checkpoint)
+    trainer.save_model()  # with an AdapterTrainer: the adapter alone, in <output_dir>/<adapter_name>/
+    metrics = train_result.metrics
+    if not isinstance(train_dataset, datasets.IterableDataset):
+        metrics["train_samples"] = len(train_dataset)
+    trainer.log_metrics("train", metrics)
+    trainer.save_metrics("train", metrics)
+    trainer.save_state()
+    return metrics
+
+
+def evaluate(trainer, eval_dataset):
+    metrics = trainer.evaluate()
+    if not isinstance(eval_dataset, datasets.IterableDataset):
+        metrics["eval_samples"] = len(eval_dataset)
+    try:
+        metrics["perplexity"] = math.exp(metrics["eval_loss"])
+    except OverflowError:
+        metrics["perplexity"] = float("inf")
+    trainer.log_metrics("eval", metrics)
+    trainer.save_metrics("eval", metrics)
+    return metrics
+
+
+def publish(trainer, model_args, data_args, training_args):
+    """Write a model card, and push to the hub when --push_to_hub asks for it."""
+    card = {"finetuned_from": model_args.model_name_or_path, "tasks": "fill-mask"}
+    if data_args.dataset_name is not None:
+        card["dataset_tags"] = data_args.dataset_name
+        card["dataset"] = " ".join(filter(None, [data_args.dataset_name, data_args.dataset_config_name]))
+    if training_args.push_to_hub:
+        trainer.push_to_hub(**card)
+    else:
+        trainer.create_model_card(**card)
+
+
+def main(argv=None):
+    model_args, data_args, training_args, adapter_args = parse_arguments(argv)
+    setup_logging(training_args)
+    check_arguments(model_args, data_args, training_args, adapter_args)
+    last_checkpoint = detect_last_checkpoint(training_args)
+    set_seed(training_args.seed)
+
+    config = load_config(model_args)
+    tokenizer = load_tokenizer(model_args)
+    raw_datasets = load_raw_datasets(model_args, data_args, training_args)
+    model = load_model(model_args, config, tokenizer)
+    setup_adapter(model, model_args, adapter_args)
+
+    max_seq_length = choose_max_seq_length(data_args, tokenizer, config)
+    lm_datasets = preprocess(raw_datasets, tokenizer, max_seq_length, data_args, training_args)
+    train_dataset, eval_dataset = select_samples(lm_datasets, data_args)
+    data_collator = build_data_collator(tokenizer, data_args, training_args)
+    eval_dataset = mask_eval_dataset(eval_dataset, data_collator, data_args, training_args.seed)
+    trainer = build_trainer(model, tokenizer, data_collator, train_dataset, eval_dataset, training_args, adapter_args)
+
+    metrics = {}
+    if training_args.do_train:
+        metrics.update(train(trainer, train_dataset, last_checkpoint, training_args))
+    if training_args.do_eval:
+        metrics.update(evaluate(trainer, eval_dataset))
+    publish(trainer, model_args, data_args, training_args)
+    return metrics
+
+
+def _mp_fn(index):
+    # Entry point for TPU spawners such as xla_spawn.py.
+    main()
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except UsageError as error:
+        print(f"{Path(sys.argv[0]).name}: error: {error}", file=sys.stderr)
+        sys.exit(2)

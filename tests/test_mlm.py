@@ -1,0 +1,181 @@
+"""run_mlm.py end to end on tiny offline models: training, fixed evaluation masks, line-by-line data, errors."""
+
+import dataclasses
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from conftest import QUIET, read_json, run_script
+from transformers import AutoTokenizer, EvalPrediction, TrainingArguments
+
+import run_mlm
+from adapters import AdapterArguments
+
+
+def mlm_args(model, train, validation, output_dir, *extra):
+    return [
+        "--model_name_or_path", str(model), "--train_file", str(train), "--validation_file", str(validation),
+        "--output_dir", str(output_dir), "--max_seq_length", "64", "--per_device_train_batch_size", "8",
+        "--per_device_eval_batch_size", "16", *QUIET, *extra,
+    ]
+
+
+@pytest.fixture(scope="module")
+def adapter_run(assets, pretrained_roberta, tmp_path_factory):
+    """Perplexity of the pretrained base with a fresh adapter on source code, then after training that adapter."""
+    before_dir = tmp_path_factory.mktemp("untrained")
+    after_dir = tmp_path_factory.mktemp("trained")
+    common = ["--train_adapter", "--adapter_config", "seq_bn", "--do_eval"]
+    data = (assets.code_train, assets.code_validation)
+    before = run_mlm.main(mlm_args(pretrained_roberta, *data, before_dir, *common))
+    after = run_mlm.main(mlm_args(
+        pretrained_roberta, *data, after_dir, *common, "--do_train", "--max_steps", "150", "--learning_rate", "1e-2",
+    ))
+    return before, after, after_dir
+
+
+def test_adapter_training_lowers_validation_perplexity(adapter_run):
+    before, after, output_dir = adapter_run
+    assert after["perplexity"] < 0.6 * before["perplexity"], (before["perplexity"], after["perplexity"])
+    assert after["eval_accuracy"] > before["eval_accuracy"] + 0.1
+    all_results = read_json(output_dir / "all_results.json")
+    assert all_results["perplexity"] == pytest.approx(np.exp(all_results["eval_loss"]))
+    assert {"train_loss", "train_samples", "eval_samples", "eval_accuracy"} <= all_results.keys()
+
+
+def test_saved_adapter_reloads_to_the_same_eval_loss(adapter_run, assets, pretrained_roberta, tmp_path):
+    _, after, output_dir = adapter_run
+    adapter_dir = output_dir / "mlm"
+    assert read_json(adapter_dir / "adapter_config.json")["config"]["reduction_factor"] == 16
+    assert any(path.name.startswith("pytorch_adapter") for path in adapter_dir.iterdir())
+    assert not list(output_dir.glob("*.safetensors"))  # the frozen base model is not copied
+    reloaded = run_mlm.main(mlm_args(
+        pretrained_roberta, assets.code_train, assets.code_validation, tmp_path,
+        "--do_eval", "--train_adapter", "--load_adapter", str(adapter_dir),
+    ))
+    assert reloaded["eval_loss"] == pytest.approx(after["eval_loss"], abs=1e-6)
+
+
+def evaluate(assets, output_dir, *extra):
+    return run_mlm.main(mlm_args(assets.tiny_roberta, assets.train, assets.validation, output_dir, "--do_eval",
+                                 *extra))
+
+
+def test_evaluation_masks_are_fixed_by_the_seed(assets, tmp_path):
+    first = evaluate(assets, tmp_path / "first")
+    assert evaluate(assets, tmp_path / "again")["eval_loss"] == first["eval_loss"]
+    # Neither the batch size nor the cache decides the masks, only the seed. (The loss is a mean of batch means,
+    # so compare accuracy, which counts over all masked tokens at once.)
+    rebatched = evaluate(assets, tmp_path / "batch", "--per_device_eval_batch_size", "3", "--overwrite_cache")
+    assert rebatched["eval_accuracy"] == first["eval_accuracy"]
+    assert rebatched["eval_loss"] == pytest.approx(first["eval_loss"], abs=1e-3)
+    assert evaluate(assets, tmp_path / "other-seed", "--seed", "8")["eval_loss"] != pytest.approx(
+        first["eval_loss"], abs=1e-4)
+
+
+def test_training_masks_change_from_batch_to_batch(assets):
+    tokenizer = AutoTokenizer.from_pretrained(assets.roberta_tokenizer)
+    collator = run_mlm.MaskingCollator(tokenizer=tokenizer, mlm_probability=0.15)
+    examples = [tokenizer("the quick brown fox jumps over the lazy dog " * 8, return_special_tokens_mask=True)]
+    torch.manual_seed(0)
+    first, second = collator(examples), collator(examples)
+    assert not torch.equal(first["labels"], second["labels"])
+    masked = first["labels"] != -100
+    assert 0 < masked.float().mean() < 0.4
+    assert not masked[0, 0] and not masked[0, -1]  # <s> and </s> are never masked
+
+
+def parsed(*argv):
+    return run_mlm.parse_arguments(["--output_dir", "unused", *argv])
+
+
+@pytest.mark.parametrize("pad_to_max_length", [False, True])
+def test_line_by_line_makes_one_example_per_non_empty_line(assets, tmp_path, pad_to_max_length):
+    lines = ["A first line of text.", "", "   ", "A second, longer line of text " * 30, "Third."]
+    path = tmp_path / "lines.txt"
+    path.write_text("\n".join(lines) + "\n")
+    flags = ["--pad_to_max_length"] if pad_to_max_length else []
+    model_args, data_args, training_args, _ = parsed(
+        "--validation_file", str(path), "--do_eval", "--line_by_line", "--tokenizer_name",
+        str(assets.roberta_tokenizer), *flags,
+    )
+    raw = run_mlm.load_raw_datasets(model_args, data_args, training_args)
+    tokenizer = AutoTokenizer.from_pretrained(assets.roberta_tokenizer)
+    examples = run_mlm.preprocess(raw, tokenizer, 32, data_args, training_args)["validation"]
+    lengths = [len(ids) for ids in examples["input_ids"]]
+    assert len(lengths) == 3
+    if pad_to_max_length:
+        assert lengths == [32, 32, 32]
+    else:
+        assert lengths[1] == 32 and lengths[0] < 32 and lengths[2] < lengths[0]  # truncated, not padded
+
+
+@pytest.mark.parametrize("pad_to_max_length", [False, True])
+def test_line_by_line_trains_and_evaluates(assets, tmp_path, pad_to_max_length):
+    flags = ["--pad_to_max_length"] if pad_to_max_length else []
+    metrics = run_mlm.main(mlm_args(assets.tiny_roberta, assets.train, assets.validation, tmp_path,
+                                    "--line_by_line", "--do_train", "--do_eval", "--max_steps", "3", *flags))
+    assert metrics["eval_samples"] == len(assets.validation.read_text().splitlines())
+    assert np.isfinite(metrics["perplexity"])
+
+
+@pytest.mark.parametrize("extension", ["csv", "json"])
+def test_extra_columns_in_line_by_line_mode(assets, tmp_path, extension):
+    lines = [line for line in assets.validation.read_text().splitlines()][:120]
+    frame = pd.DataFrame({"id": range(len(lines)), "text": lines, "label": ["prose"] * len(lines)})
+    path = tmp_path / f"data.{extension}"
+    frame.to_csv(path, index=False) if extension == "csv" else frame.to_json(path, orient="records", lines=True)
+    metrics = run_mlm.main(mlm_args(assets.tiny_roberta, path, path, tmp_path / "out", "--line_by_line",
+                                    "--do_train", "--do_eval", "--max_steps", "2", "--train_adapter"))
+    assert metrics["eval_samples"] == 120
+
+
+def test_model_type_roberta_with_config_overrides(assets, tmp_path):
+    metrics = run_mlm.main([
+        "--model_type", "roberta", "--tokenizer_name", str(assets.roberta_tokenizer),
+        "--config_overrides", "hidden_size=32,num_hidden_layers=1,num_attention_heads=2,intermediate_size=64,"
+        "max_position_embeddings=66,vocab_size=1000,pad_token_id=1",
+        "--train_file", str(assets.train), "--validation_file", str(assets.validation), "--do_train", "--do_eval",
+        "--max_steps", "30", "--learning_rate", "3e-3", "--output_dir", str(tmp_path), *QUIET,
+    ])
+    config = read_json(tmp_path / "config.json")
+    assert (config["hidden_size"], config["num_hidden_layers"], config["model_type"]) == (32, 1, "roberta")
+    # 66 positions of which RoBERTa leaves the first two unused: blocks of 64 tokens by default.
+    tokens = sum(len(ids) for ids in AutoTokenizer.from_pretrained(assets.roberta_tokenizer)(
+        assets.validation.read_text().splitlines())["input_ids"])
+    assert metrics["eval_samples"] == tokens // 64
+    assert metrics["perplexity"] < 900
+
+
+def test_accuracy_counts_masked_positions_only():
+    labels = np.array([[-100, 5, -100, 7], [8, -100, -100, -100]])
+    predictions = np.array([[1, 5, 2, 0], [8, 3, 3, 3]])  # right on 5 and 8, wrong on 7; unmasked ones ignored
+    assert run_mlm.compute_metrics(EvalPrediction(predictions, labels))["accuracy"] == pytest.approx(2 / 3)
+
+
+def test_help_lists_every_argument():
+    result = run_script("run_mlm.py", "--help")
+    assert result.returncode == 0
+    groups = [run_mlm.ModelArguments, run_mlm.DataTrainingArguments, TrainingArguments, AdapterArguments]
+    missing = [f.name for group in groups for f in dataclasses.fields(group) if f.init and f"--{f.name}" not in
+               result.stdout]
+    assert not missing
+    assert all(f.metadata.get("help") for group in groups[:2] for f in dataclasses.fields(group))
+
+
+def test_tokenizer_without_mask_token_is_refused_in_one_line(assets, tmp_path):
+    result = run_script("run_mlm.py", "--model_type", "roberta", "--tokenizer_name", assets.gpt2_tokenizer,
+                        "--train_file", assets.train, "--do_train", "--output_dir", tmp_path / "out")
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    last_line = result.stderr.strip().splitlines()[-1]
+    assert last_line.startswith("run_mlm.py: error: --tokenizer_name") and "no mask token" in last_line
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("probability", ["0", "1", "1.5", "-0.1"])
+def test_mlm_probability_outside_zero_one_is_refused(assets, tmp_path, probability):
+    with pytest.raises(run_mlm.UsageError, match=f"--mlm_probability {probability}"):
+        run_mlm.main(mlm_args(assets.tiny_roberta, assets.train, assets.validation, tmp_path, "--do_train",
+                              "--mlm_probability", probability))

@@ -455,9 +455,6 @@ def setup_adapter(model, model_args, adapter_args):
             del model.config.adapters
         adapters.init(model)
         setup_adapter_training(model, adapter_args, model_args.adapter_name)
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    total = sum(p.numel() for p in model.parameters())
-    logger.info(f"Trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.2f}%)")
 
 
 def choose_max_seq_length(data_args, tokenizer, config):
@@ -688,6 +685,79 @@ def publish(trainer, model_args, data_args, training_args):
         trainer.create_model_card(**card)
 
 
+def tokens_per_example(max_seq_length, data_args):
+    # Line-by-line examples are padded per batch, so only fixed-length examples give an exact token count.
+    fixed_length = not data_args.line_by_line or data_args.pad_to_max_length
+    return max_seq_length if fixed_length else None
+
+
+def plot_training_curves(trainer, training_args):
+    """Draw losses and eval perplexity against steps into training_curves.png; skipped without matplotlib."""
+    if not (training_args.do_train and trainer.is_world_process_zero()):
+        return None
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")  # files only: works without a display
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    history = trainer.state.log_history
+    train_points = [(entry["step"], entry["loss"]) for entry in history if "loss" in entry]
+    eval_points = [(entry["step"], entry["eval_loss"]) for entry in history if "eval_loss" in entry]
+    figure, (loss_axes, perplexity_axes) = plt.subplots(1, 2, figsize=(11, 4))
+    if train_points:
+        loss_axes.plot(*zip(*train_points), label="train loss")
+    if eval_points:
+        steps, losses = zip(*eval_points)
+        loss_axes.plot(steps, losses, "o-", label="eval loss")
+        perplexity_axes.plot(steps, [math.exp(min(loss, 700)) for loss in losses], "o-", color="tab:orange")
+    loss_axes.set(xlabel="step", ylabel="loss", title="Loss")
+    loss_axes.legend()
+    perplexity_axes.set(xlabel="step", ylabel="perplexity", title="Eval perplexity")
+    for axes in (loss_axes, perplexity_axes):
+        axes.grid(alpha=0.3)
+    figure.suptitle(str(training_args.output_dir))
+    figure.tight_layout()
+    path = Path(training_args.output_dir) / "training_curves.png"
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+    return path
+
+
+def print_summary(trainer, metrics, tokens_per_example, curves, model_args, training_args, adapter_args):
+    """End the run with what a user looks for first: what was trained, how fast, how well, and where it went."""
+    if not trainer.is_world_process_zero():
+        return
+    trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in trainer.model.parameters())
+    lines = [f"trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.2f}%)"]
+    if training_args.do_train:
+        output_dir = Path(training_args.output_dir)
+        if adapter_args.train_adapter:
+            saved = output_dir / model_args.adapter_name
+            files = [path for path in saved.rglob("*") if path.is_file()]
+        else:
+            saved = output_dir
+            files = [*output_dir.glob("*.safetensors"), *output_dir.glob("*.bin")]
+        size = sum(path.stat().st_size for path in files)
+        throughput = f"{metrics['train_samples_per_second']:.1f} samples/s"
+        if tokens_per_example:
+            throughput += f", {metrics['train_samples_per_second'] * tokens_per_example:,.0f} tokens/s"
+        lines += [
+            f"training: {metrics['train_runtime']:.1f} s ({throughput})",
+            f"saved {'adapter' if adapter_args.train_adapter else 'model'}: {saved} ({size / 1e6:.2f} MB)",
+        ]
+    if training_args.do_eval:
+        lines.append(
+            f"evaluation: {metrics['eval_runtime']:.1f} s, perplexity {metrics['perplexity']:.2f}, "
+            f"accuracy {metrics['eval_accuracy']:.4f}"
+        )
+    if curves is not None:
+        lines.append(f"training curves: {curves}")
+    print("\n".join(["***** summary *****", *(f"  {line}" for line in lines)]), flush=True)
+
+
 def main(argv=None):
     model_args, data_args, training_args, adapter_args = parse_arguments(argv)
     setup_logging(training_args)
@@ -714,6 +784,8 @@ def main(argv=None):
     if training_args.do_eval:
         metrics.update(evaluate(trainer, eval_dataset))
     publish(trainer, model_args, data_args, training_args)
+    curves = plot_training_curves(trainer, training_args)
+    print_summary(trainer, metrics, tokens_per_example(max_seq_length, data_args), curves, model_args, training_args, adapter_args)
     return metrics
 
 

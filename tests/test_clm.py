@@ -3,6 +3,7 @@
 import dataclasses
 import json
 import shutil
+import sys
 
 import numpy as np
 import pandas as pd
@@ -283,3 +284,12 @@ def test_block_size_larger_than_the_model_is_clamped(assets, tmp_path):
     ])
     texts = [line + "\n" for line in lines_of(assets.validation)]
     assert metrics["eval_samples"] == block_count(assets.tiny_gpt2, texts, 256)  # the model's 256 positions
+
+
+def test_without_matplotlib_the_plot_is_skipped_silently(assets, tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # makes `import matplotlib` raise ImportError
+    run_clm.main(clm_args(assets.tiny_gpt2, assets.train, assets.validation, tmp_path, "--do_train", "--max_steps",
+                          "2", "--train_adapter"))
+    summary = capsys.readouterr().out.split("***** summary *****")[1]
+    assert "saved adapter:" in summary and "training curves" not in summary
+    assert not (tmp_path / "training_curves.png").exists()

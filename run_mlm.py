@@ -11,6 +11,7 @@ Run `python run_mlm.py --help` for every flag. Perplexity and accuracy on the ma
 `<output_dir>/all_results.json`; the trained adapter in `<output_dir>/<adapter_name>/`.
 """
 
+import codecs
 import json
 import logging
 import math
@@ -27,7 +28,7 @@ import numpy as np
 import torch
 import transformers
 from datasets import DatasetDict, IterableDatasetDict, load_dataset, load_from_disk
-from datasets.exceptions import DatasetNotFoundError
+from datasets.exceptions import DatasetGenerationError, DatasetNotFoundError
 from transformers import (
     CONFIG_MAPPING,
     AutoConfig,
@@ -39,7 +40,6 @@ from transformers import (
     TrainingArguments,
     set_seed,
 )
-from transformers.trainer_utils import get_last_checkpoint
 
 import adapters
 from adapters import AdapterArguments, AdapterConfig, AdapterTrainer, setup_adapter_training
@@ -198,21 +198,32 @@ class DataTrainingArguments:
 def parse_arguments(argv):
     """Read the four argument groups from the command line, or from a single .json file of arguments."""
     parser = HfArgumentParser((ModelArguments, DataTrainingArguments, TrainingArguments, AdapterArguments))
+    parser.error = reject_command_line  # one line instead of argparse's usage block
     argv = sys.argv[1:] if argv is None else list(argv)
-    if len(argv) == 1 and argv[0].endswith(".json"):
-        return parse_json_arguments(parser, Path(argv[0]))
-    return parser.parse_args_into_dataclasses(args=argv)
+    try:
+        if len(argv) == 1 and argv[0].endswith(".json"):
+            return parser.parse_dict(read_json_arguments(Path(argv[0])))
+        return parser.parse_args_into_dataclasses(args=argv)
+    except ValueError as error:  # unknown flags or JSON keys, or a combination that TrainingArguments rejects
+        raise UsageError(f"{first_line(error)}; see --help for the flags and their values.") from None
 
 
-def parse_json_arguments(parser, json_path):
+def reject_command_line(message):
+    raise UsageError(f"{message}; see --help for the flags and their values.")
+
+
+def read_json_arguments(json_path):
     if not json_path.is_file():
         raise UsageError(f"The arguments file {json_path} does not exist; give the path of an existing .json file.")
     try:
-        return parser.parse_json_file(json_file=json_path.resolve())
-    except json.JSONDecodeError as error:
+        return json.loads(json_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise UsageError(f"The arguments file {json_path} is not valid JSON ({error}); fix the file.") from None
-    except ValueError as error:  # HfArgumentParser names the keys that match no flag
-        raise UsageError(f"The arguments file {json_path} has {error}; remove or rename those keys.") from None
+
+
+def first_line(error):
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
 
 
 def setup_logging(training_args):
@@ -249,6 +260,7 @@ def check_arguments(model_args, data_args, training_args, adapter_args):
             )
         if not os.path.isfile(path):
             raise UsageError(f"{flag} {path} does not exist; check the path.")
+        check_data_file(flag, path, extension)
     if training_args.do_train and data_args.dataset_name is None and data_args.train_file is None:
         raise UsageError("--do_train needs training data: pass --train_file or --dataset_name.")
     if model_args.config_overrides and (model_args.model_name_or_path or model_args.config_name):
@@ -280,16 +292,32 @@ def check_arguments(model_args, data_args, training_args, adapter_args):
     for flag, value in (("--max_train_samples", data_args.max_train_samples),
                         ("--max_eval_samples", data_args.max_eval_samples)):
         if value is not None and value < 1:
-            raise UsageError(f"{flag} {value} must be a positive number of blocks; leave it out to keep them all.")
+            raise UsageError(f"{flag} {value} must be a positive number of examples; leave it out to keep them all.")
+    for flag, value in (
+        ("--per_device_train_batch_size", training_args.per_device_train_batch_size),
+        ("--per_device_eval_batch_size", training_args.per_device_eval_batch_size),
+        ("--gradient_accumulation_steps", training_args.gradient_accumulation_steps),
+        ("--preprocessing_num_workers", data_args.preprocessing_num_workers or 1),
+    ):
+        if value < 1:
+            raise UsageError(f"{flag} {value} must be at least 1.")
+    if training_args.do_train and training_args.max_steps <= 0 and training_args.num_train_epochs <= 0:
+        raise UsageError(f"--num_train_epochs {training_args.num_train_epochs} must be positive, or give --max_steps.")
     if data_args.streaming and training_args.do_train and training_args.max_steps <= 0:
         raise UsageError("--streaming has no known length to plan epochs with: pass --max_steps as well.")
-    if training_args.resume_from_checkpoint and not os.path.isdir(training_args.resume_from_checkpoint):
+    if training_args.resume_from_checkpoint and not is_complete_checkpoint(training_args.resume_from_checkpoint):
         raise UsageError(
-            f"--resume_from_checkpoint {training_args.resume_from_checkpoint} is not a folder; give a checkpoint "
-            "folder such as <output_dir>/checkpoint-500."
+            f"--resume_from_checkpoint {training_args.resume_from_checkpoint} is not a complete checkpoint; give a "
+            "checkpoint folder with a trainer_state.json, such as <output_dir>/checkpoint-500."
         )
     if not adapter_args.train_adapter and (adapter_args.load_adapter or adapter_args.load_lang_adapter):
         raise UsageError("--load_adapter and --load_lang_adapter need --train_adapter as well.")
+    for flag, location in (("--load_adapter", adapter_args.load_adapter),
+                           ("--load_lang_adapter", adapter_args.load_lang_adapter)):
+        # A hub adapter is "name" or "org/name"; anything else that is missing must be a mistyped local path.
+        if location and not os.path.exists(location) and (location.startswith((".", "/", "~"))
+                                                           or location.count("/") > 1):
+            raise UsageError(f"{flag} {location} does not exist; give the folder of a saved adapter.")
     if adapter_args.train_adapter:
         try:
             AdapterConfig.load(adapter_args.adapter_config)
@@ -300,12 +328,48 @@ def check_arguments(model_args, data_args, training_args, adapter_args):
             ) from None
 
 
+def check_data_file(flag, path, extension):
+    """Catch empty and non-UTF-8 files now, not as a traceback from deep inside `datasets`."""
+    if os.path.getsize(path) == 0:
+        raise UsageError(f"{flag} {path} is empty; give a file with text in it.")
+    if extension == "parquet":
+        return
+    with open(path, "rb") as file:
+        start = file.read(1 << 20)
+    try:
+        codecs.getincrementaldecoder("utf-8")().decode(start, final=False)
+    except UnicodeDecodeError as error:
+        raise UsageError(
+            f"{flag} {path} is not UTF-8 text (byte {start[error.start]:#04x} at offset {error.start}); "
+            "convert it, e.g. with `iconv -t utf-8`."
+        ) from None
+
+
+def is_complete_checkpoint(folder):
+    # The Trainer writes trainer_state.json last, so a checkpoint cut short by a crash has none or a broken one.
+    try:
+        json.loads((Path(folder) / "trainer_state.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return True
+
+
+def last_complete_checkpoint(output_dir):
+    steps = {int(path.name.split("-")[1]): path for path in Path(output_dir).glob("checkpoint-*")
+             if path.name.split("-")[1].isdigit()}
+    for step in sorted(steps, reverse=True):
+        if is_complete_checkpoint(steps[step]):
+            return str(steps[step])
+        logger.warning(f"Ignoring {steps[step]}: the run stopped before it was completely written.")
+    return None
+
+
 def detect_last_checkpoint(training_args):
     """Find the checkpoint to resume from, and refuse to train into a folder that holds other work."""
     output_dir = training_args.output_dir
     if not (training_args.do_train and os.path.isdir(output_dir)) or training_args.overwrite_output_dir:
         return None
-    last_checkpoint = get_last_checkpoint(output_dir)
+    last_checkpoint = last_complete_checkpoint(output_dir)
     if last_checkpoint is None and os.listdir(output_dir):
         raise UsageError(
             f"--output_dir {output_dir} already exists, is not empty and holds no checkpoint to resume from; "
@@ -339,7 +403,13 @@ def load_raw_datasets(model_args, data_args, training_args):
             data_files["validation"] = data_args.validation_file
         extension = next(iter(data_files.values())).rsplit(".", 1)[-1].lower()
         builder = FILE_BUILDERS[extension]
-        raw_datasets = load_dataset(builder, data_files=data_files, **hub_kwargs)
+        try:
+            raw_datasets = load_dataset(builder, data_files=data_files, **hub_kwargs)
+        except DatasetGenerationError as error:
+            raise UsageError(
+                f"Could not read {' and '.join(data_files.values())} as {extension}: {first_line(error.__cause__ or error)}; "
+                "fix the file or give it the extension of its format."
+            ) from None
     if "validation" not in raw_datasets and "train" in raw_datasets:
         raw_datasets = carve_validation_split(raw_datasets["train"], data_args.validation_split_percentage)
     needed = [split for split, wanted in (("train", training_args.do_train), ("validation", training_args.do_eval)) if wanted]
@@ -355,9 +425,8 @@ def reported_as_usage_error(flag, name):
     try:
         yield
     except (OSError, ConnectionError, DatasetNotFoundError) as error:
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise UsageError(
-            f"{flag} {name} could not be loaded ({reason}); give a local folder, or a hub name while online."
+            f"{flag} {name} could not be loaded ({first_line(error)}); give a local folder, or a hub name while online."
         ) from None
 
 
@@ -375,6 +444,11 @@ def carve_validation_split(train, percentage):
             validation=train.filter(lambda _, index: index % every == 0, with_indices=True),
         )
     held_out = math.ceil(len(train) * percentage / 100)
+    if held_out >= len(train):
+        raise UsageError(
+            f"The training data has {len(train)} texts, too few to hold out {percentage}% for validation; "
+            "pass --validation_file or more data."
+        )
     return DatasetDict(train=train.select(range(held_out, len(train))), validation=train.select(range(held_out)))
 
 
@@ -454,7 +528,8 @@ def setup_adapter(model, model_args, adapter_args):
         if isinstance(getattr(model.config, "adapters", None), dict):
             del model.config.adapters
         adapters.init(model)
-        setup_adapter_training(model, adapter_args, model_args.adapter_name)
+        with reported_as_usage_error("--load_adapter", adapter_args.load_adapter or adapter_args.load_lang_adapter):
+            setup_adapter_training(model, adapter_args, model_args.adapter_name)
 
 
 def choose_max_seq_length(data_args, tokenizer, config):
@@ -479,6 +554,7 @@ def preprocess(raw_datasets, tokenizer, max_seq_length, data_args, training_args
     """Tokenize the texts into examples of max_seq_length tokens: one per line, or concatenated and cut."""
     column_names = column_names_of(next(iter(raw_datasets.values())))
     text_column = "text" if "text" in column_names else column_names[0]
+    check_text_column(raw_datasets, text_column)
     tokenizer_logger = transformers.utils.logging.get_logger("transformers.tokenization_utils_base")
     line_kwargs = {}
     if data_args.line_by_line:
@@ -529,6 +605,16 @@ def group_texts(examples, block_size):
         usable = len(flat) // block_size * block_size
         groups[key] = flat[:usable].reshape(-1, block_size)
     return groups
+
+
+def check_text_column(raw_datasets, text_column):
+    for split, dataset in raw_datasets.items():
+        feature = (dataset.features or {}).get(text_column)  # streamed json/csv: unknown until read
+        if feature is not None and getattr(feature, "dtype", None) not in ("string", "large_string"):
+            raise UsageError(
+                f"The {split} data's text column '{text_column}' holds {feature}, not text; name the text column "
+                "'text' or put it first."
+            )
 
 
 def column_names_of(dataset):
@@ -794,9 +880,15 @@ def _mp_fn(index):
     main()
 
 
-if __name__ == "__main__":
+def cli(argv=None):
+    """Run from the command line: a usage error ends in one line on stderr and exit status 2, not a traceback."""
     try:
-        main()
+        main(argv)
     except UsageError as error:
-        print(f"{Path(sys.argv[0]).name}: error: {error}", file=sys.stderr)
-        sys.exit(2)
+        print(f"{Path(__file__).name}: error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(cli())

@@ -1,0 +1,69 @@
+"""Runs that must hold up: the same result twice, a SIGKILL in the middle, and two processes under torchrun."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+from conftest import QUIET, REPO, read_json
+
+import run_clm
+import run_mlm
+
+
+def arguments(script, assets, output_dir, *extra):
+    clm = script is run_clm
+    return [str(value) for value in [
+        "--model_name_or_path", assets.tiny_gpt2 if clm else assets.tiny_roberta,
+        "--train_file", assets.train, "--validation_file", assets.validation, "--max_eval_samples", "24",
+        "--block_size" if clm else "--max_seq_length", "64", "--per_device_train_batch_size", "4",
+        "--per_device_eval_batch_size", "8", "--do_train", "--do_eval", "--train_adapter", "--learning_rate", "1e-2",
+        "--output_dir", output_dir, *QUIET, *extra,
+    ]]
+
+
+@pytest.mark.parametrize("script", [run_clm, run_mlm], ids=["clm", "mlm"])
+def test_the_same_command_twice_gives_the_same_metrics(script, assets, tmp_path):
+    first = script.main(arguments(script, assets, tmp_path / "first", "--max_steps", "6"))
+    second = script.main(arguments(script, assets, tmp_path / "second", "--max_steps", "6"))
+    for key in ("train_loss", "eval_loss", "eval_accuracy", "perplexity"):
+        assert first[key] == second[key], key
+
+
+def test_a_run_killed_with_sigkill_resumes_to_the_uninterrupted_result(assets, tmp_path):
+    extra = ["--max_steps", "60", "--save_strategy", "steps", "--save_steps", "10", "--log_level", "info"]
+    uninterrupted = run_clm.main(arguments(run_clm, assets, tmp_path / "straight", *extra))
+
+    output_dir = tmp_path / "killed"
+    command = [sys.executable, str(REPO / "run_clm.py"), *arguments(run_clm, assets, output_dir, *extra)]
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=os.environ.copy())
+    deadline = time.monotonic() + 300
+    while not (output_dir / "checkpoint-10" / "trainer_state.json").exists() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    process.send_signal(signal.SIGKILL)
+    assert process.wait() == -signal.SIGKILL  # killed mid-run, not finished
+    assert not (output_dir / "all_results.json").exists()
+
+    resumed = subprocess.run(command, capture_output=True, text=True, env=os.environ.copy(), timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"Resuming training from {output_dir}/checkpoint-" in resumed.stdout + resumed.stderr
+    assert read_json(output_dir / "all_results.json")["eval_loss"] == pytest.approx(
+        uninterrupted["eval_loss"], abs=1e-4)
+
+
+@pytest.mark.parametrize("script", ["run_clm.py", "run_mlm.py"])
+def test_torchrun_with_two_processes(script, assets, tmp_path):
+    module = run_clm if script == "run_clm.py" else run_mlm
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               str(REPO / script), *arguments(module, assets, tmp_path, "--max_steps", "4")]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert read_json(tmp_path / "trainer_state.json")["global_step"] == 4
+    results = read_json(tmp_path / "all_results.json")
+    assert results["eval_samples"] == 24 and "train_loss" in results
+    adapter_name = "clm" if module is run_clm else "mlm"
+    assert (tmp_path / adapter_name / "adapter_config.json").is_file()
+    assert result.stdout.count("***** summary *****") == 1  # only the main process reports

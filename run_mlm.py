@@ -197,6 +197,10 @@ class DataTrainingArguments:
 
 def parse_arguments(argv):
     """Read the four argument groups from the command line, or from a single .json file of arguments."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.accelerator.is_available():
+        # torchrun on CPUs: accelerate forms a (gloo) process group over CPUs only when told to; otherwise every
+        # process would train alone on all the data and write the same outputs.
+        os.environ.setdefault("ACCELERATE_USE_CPU", "true")
     parser = HfArgumentParser((ModelArguments, DataTrainingArguments, TrainingArguments, AdapterArguments))
     parser.error = reject_command_line  # one line instead of argparse's usage block
     argv = sys.argv[1:] if argv is None else list(argv)

@@ -18,6 +18,8 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_DATASETS_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_NO_ADVISORY_WARNINGS"] = "1"
 os.environ.setdefault("HF_HOME", tempfile.mkdtemp(prefix="hf-home-"))
+# The test models are tiny: one thread per process beats two threads fighting over matrices of 64 columns.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import pytest  # noqa: E402
 

@@ -16,6 +16,7 @@ import json
 import logging
 import math
 import os
+import re
 import sys
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -42,7 +43,11 @@ from transformers import (
 )
 
 import adapters
-from adapters import AdapterArguments, AdapterConfig, AdapterTrainer, setup_adapter_training
+import adapters.loading
+from adapters import AdapterArguments, AdapterConfig, AdapterTrainer, ConfigUnion, PromptTuningConfig
+from adapters import setup_adapter_training
+from adapters.configuration.adapter_config import ReftConfig
+from adapters.loading import AdapterLoader
 
 logger = logging.getLogger(__name__)
 
@@ -305,13 +310,27 @@ def check_arguments(model_args, data_args, training_args, adapter_args):
                                                            or location.count("/") > 1):
             raise UsageError(f"{flag} {location} does not exist; give the folder of a saved adapter.")
     if adapter_args.train_adapter:
-        try:
-            AdapterConfig.load(adapter_args.adapter_config)
-        except (ValueError, TypeError, KeyError, OSError) as error:
-            raise UsageError(
-                f"--adapter_config {adapter_args.adapter_config} is not an adapter configuration ({error}); use a "
-                "name such as seq_bn, lora or prefix_tuning, or a path to a config .json file."
-            ) from None
+        check_adapter_config(adapter_args.adapter_config)
+
+
+def check_adapter_config(spec):
+    try:
+        config = AdapterConfig.load(spec)
+    except (ValueError, TypeError, KeyError, OSError, SyntaxError) as error:
+        raise UsageError(
+            f"--adapter_config {spec} is not an adapter configuration ({shorten(first_line(error))}); use a name "
+            "such as seq_bn, lora or prefix_tuning, name[key=value,...], a union a|b, or a config .json file."
+        ) from None
+    components = config.configs if isinstance(config, ConfigUnion) else [config]
+    if any(isinstance(component, ReftConfig) and not component.subtract_projection for component in components):
+        raise UsageError(
+            f"--adapter_config {spec}: adapters {adapters.__version__} does not save DiReFT's subtract_projection, "
+            "so a saved DiReFT adapter would reload as NoReFT with other results; use loreft or noreft instead."
+        )
+
+
+def shorten(text, limit=200):
+    return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 def check_data_file(flag, path, extension):
@@ -503,14 +522,44 @@ def load_model(model_args, config, tokenizer):
 
 def setup_adapter(model, model_args, adapter_args):
     """With --train_adapter, add a fresh (or loaded) adapter to the model and freeze everything else."""
-    if adapter_args.train_adapter:
-        # A model saved by an adapters-initialised full fine-tuning carries an "adapters" dict in its config;
-        # adapters.init would share it with the new adapter setup, whose objects can then not be written to JSON.
-        if isinstance(getattr(model.config, "adapters", None), dict):
-            del model.config.adapters
-        adapters.init(model)
-        with reported_as_usage_error("--load_adapter", adapter_args.load_adapter or adapter_args.load_lang_adapter):
-            setup_adapter_training(model, adapter_args, model_args.adapter_name)
+    if not adapter_args.train_adapter:
+        return
+    # A model saved by an adapters-initialised full fine-tuning carries an "adapters" dict in its config;
+    # adapters.init would share it with the new adapter setup, whose objects can then not be written to JSON.
+    if isinstance(getattr(model.config, "adapters", None), dict):
+        del model.config.adapters
+    adapters.init(model)
+    check_language_adapter_name(adapter_args, model_args.adapter_name)
+    # use_safetensors reads adapter.safetensors where present and falls back to pytorch_adapter.bin.
+    load_kwargs = {"with_head": False, "use_safetensors": True}
+    with reported_as_usage_error("--load_adapter", adapter_args.load_adapter or adapter_args.load_lang_adapter):
+        try:
+            setup_adapter_training(model, adapter_args, model_args.adapter_name, adapter_load_kwargs=load_kwargs)
+        except (ValueError, TypeError, AssertionError, RuntimeError) as error:  # adapters' own checks in add_adapter
+            raise UsageError(cannot_train_message(adapter_args, model, error)) from None
+    # adapters' train_adapter leaves some head weights trainable (RoBERTa's lm_head.dense); they would change
+    # without being saved with the adapter, so the saved adapter would not reproduce the trained model.
+    belongs_to_adapter = AdapterLoader(model).filter_func(model_args.adapter_name)
+    for name, parameter in model.named_parameters():
+        parameter.requires_grad = parameter.requires_grad and belongs_to_adapter(name)
+
+
+def check_language_adapter_name(adapter_args, adapter_name):
+    config_file = Path(adapter_args.load_lang_adapter or "") / "adapter_config.json"
+    if config_file.is_file() and json.loads(config_file.read_text()).get("name") == adapter_name:
+        raise UsageError(
+            f"--load_lang_adapter {adapter_args.load_lang_adapter} holds an adapter named '{adapter_name}', like the "
+            "adapter to train, and would replace it; pass another --adapter_name."
+        )
+
+
+def cannot_train_message(adapter_args, model, reason):
+    reason = re.sub(r"'\w+Config\(.*\)'", "this configuration", first_line(reason))  # drop the long repr
+    return (
+        f"--adapter_config {adapter_args.adapter_config} cannot be trained on a {model.config.model_type} model "
+        f"({shorten(reason)}); choose another method such as seq_bn or lora, or change its settings "
+        "with name[key=value,...]."
+    )
 
 
 def choose_block_size(data_args, tokenizer, config):
@@ -639,17 +688,125 @@ def compute_metrics(eval_prediction):
     return {"accuracy": float((predictions[counted] == labels[counted]).mean())}
 
 
-def build_trainer(model, tokenizer, train_dataset, eval_dataset, training_args, adapter_args):
-    trainer_class = AdapterTrainer if adapter_args.train_adapter else Trainer
+class PromptLabelCollator:
+    """Gives the virtual tokens of prompt tuning the label -100: the model's output is longer than its input by
+    the prompt, and the loss and the metrics need labels of the same length."""
+
+    def __init__(self, collator, start, length):
+        self.collator, self.start, self.length = collator, start, length
+
+    def __call__(self, examples):
+        batch = self.collator(examples)
+        labels = batch["labels"]
+        prompt = labels.new_full((labels.shape[0], self.length), -100)
+        batch["labels"] = torch.cat([labels[:, : self.start], prompt, labels[:, self.start :]], dim=1)
+        return batch
+
+
+def with_prompt_labels(collator, model):
+    prompt_tuning = getattr(model.base_model, "prompt_tuning", None)
+    active = getattr(model, "active_adapters", None)
+    if prompt_tuning is None or not active or active.first() not in prompt_tuning.prompt_tunings:
+        return collator  # adapters applies the prompt of the first active adapter only
+    config = model.adapters_config.match(active.first(), PromptTuningConfig)
+    return PromptLabelCollator(collator, 1 if config.combine == "prefix_after_bos" else 0, config.prompt_length)
+
+
+def build_data_collator(model):
+    return with_prompt_labels(default_data_collator, model)
+
+
+def check_adapter_trains(model, tokenizer, data_collator, adapter_args):
+    """One forward and backward pass on a sentence: a method this model cannot train is refused now, in seconds."""
+    if not adapter_args.train_adapter:
+        return
+    example = tokenizer("Adapters are checked on one short sentence before any training starts.")
+    example["labels"] = list(example["input_ids"])
+    random_state = torch.get_rng_state()
+    model.eval()  # no dropout: the check draws no random numbers that training would have drawn
+    try:
+        model(**data_collator([example])).loss.backward()
+    except (RuntimeError, ValueError, TypeError, AttributeError, AssertionError, IndexError) as error:
+        raise UsageError(cannot_train_message(adapter_args, model, error)) from None
+    finally:
+        torch.set_rng_state(random_state)
+        model.train()
+    reached = any(parameter.grad is not None for parameter in model.parameters() if parameter.requires_grad)
+    model.zero_grad(set_to_none=True)
+    if not reached:
+        raise UsageError(cannot_train_message(
+            adapter_args, model, "none of its weights reach the loss: its settings leave out every layer, or it "
+            "sits under a language adapter that only the first adapter of a stack can use"))
+
+
+class AdapterOnlyTrainer(AdapterTrainer):
+    """Saves and restores exactly the trained adapter, as safetensors unless --save_safetensors false: no head
+    (with tied embeddings as large as the vocabulary matrix) and no frozen language adapter."""
+
+    def __init__(self, *args, adapter_name, **kwargs):
+        self.adapter_name = adapter_name
+        super().__init__(*args, **kwargs)
+
+    def _save(self, output_dir=None, state_dict=None):
+        output_dir = Path(output_dir or self.args.output_dir)
+        (output_dir / self.adapter_name).mkdir(parents=True, exist_ok=True)
+        with safetensors_without_aliases():
+            self.model.save_adapter(str(output_dir / self.adapter_name), self.adapter_name, with_head=False,
+                                    use_safetensors=self.args.save_safetensors)
+        if self.processing_class is not None:
+            self.processing_class.save_pretrained(output_dir)
+        torch.save(self.args, output_dir / "training_args.bin")
+
+    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+        self.load_trained_adapter(Path(resume_from_checkpoint) / self.adapter_name)
+
+    def _load_best_model(self):
+        self.load_trained_adapter(Path(self.state.best_model_checkpoint) / self.adapter_name)
+
+    def load_trained_adapter(self, folder):
+        self.model.load_adapter(str(folder), load_as=self.adapter_name, with_head=False, use_safetensors=True)
+
+
+@contextmanager
+def safetensors_without_aliases():
+    """Prefix tuning keeps one pool of weights that every layer also references, so the adapter's state dict
+    names each tensor several times, which safetensors refuses to write. Keep the shortest name of each tensor:
+    loading it restores the others, which are the same parameter."""
+    save_file = adapters.loading.save_file
+
+    def save_each_tensor_once(state_dict, filename, metadata=None):
+        unique, seen = {}, set()
+        for key in sorted(state_dict, key=lambda key: (len(key), key)):
+            tensor = state_dict[key]
+            identity = (tensor.data_ptr(), tuple(tensor.shape), tuple(tensor.stride()))
+            if identity not in seen:
+                seen.add(identity)
+                unique[key] = tensor.contiguous()
+        return save_file(unique, filename, metadata=metadata)
+
+    adapters.loading.save_file = save_each_tensor_once
+    try:
+        yield
+    finally:
+        adapters.loading.save_file = save_file
+
+
+def build_trainer(model, tokenizer, data_collator, train_dataset, eval_dataset, model_args, training_args,
+                  adapter_args):
+    trainer_class = Trainer
+    trainer_kwargs = {}
+    if adapter_args.train_adapter:
+        trainer_class, trainer_kwargs = AdapterOnlyTrainer, {"adapter_name": model_args.adapter_name}
     return trainer_class(
         model=model,
         args=training_args,
         train_dataset=train_dataset,
         eval_dataset=eval_dataset,
         processing_class=tokenizer,
-        data_collator=default_data_collator,
+        data_collator=data_collator,
         compute_metrics=compute_metrics if training_args.do_eval else None,
         preprocess_logits_for_metrics=preprocess_logits_for_metrics if training_args.do_eval else None,
+        **trainer_kwargs,
     )
 
 
@@ -770,11 +927,14 @@ def main(argv=None):
     raw_datasets = load_raw_datasets(model_args, data_args, training_args)
     model = load_model(model_args, config, tokenizer)
     setup_adapter(model, model_args, adapter_args)
+    data_collator = build_data_collator(model)
+    check_adapter_trains(model, tokenizer, data_collator, adapter_args)
 
     block_size = choose_block_size(data_args, tokenizer, config)
     lm_datasets = preprocess(raw_datasets, tokenizer, block_size, data_args, training_args)
     train_dataset, eval_dataset = select_samples(lm_datasets, data_args)
-    trainer = build_trainer(model, tokenizer, train_dataset, eval_dataset, training_args, adapter_args)
+    trainer = build_trainer(model, tokenizer, data_collator, train_dataset, eval_dataset, model_args, training_args,
+                            adapter_args)
 
     metrics = {}
     if training_args.do_train:

@@ -58,7 +58,8 @@ def test_saved_adapter_holds_config_and_weights_but_no_base_model(adapter_run):
     *_, output_dir = adapter_run
     adapter_dir = output_dir / "clm"
     assert read_json(adapter_dir / "adapter_config.json")["config"]["reduction_factor"] == 16
-    assert any(path.name.startswith("pytorch_adapter") for path in adapter_dir.iterdir())
+    # Exactly the trained weights, as safetensors: no head (the tied embeddings) and no pickle.
+    assert sorted(path.name for path in adapter_dir.iterdir()) == ["adapter.safetensors", "adapter_config.json"]
     assert not list(output_dir.glob("*.safetensors")) and not (output_dir / "pytorch_model.bin").exists()
 
 

@@ -412,13 +412,15 @@ def load_raw_datasets(model_args, data_args, training_args):
         try:
             raw_datasets = load_dataset(builder, data_files=data_files, **builder_kwargs, **hub_kwargs)
         except DatasetGenerationError as error:
+            reason = first_line(error.__cause__ or error)
             raise UsageError(
-                f"Could not read {' and '.join(data_files.values())} as {extension}: {first_line(error.__cause__ or error)}; "
+                f"Could not read {' and '.join(data_files.values())} as {extension}: {reason}; "
                 "fix the file or give it the extension of its format."
             ) from None
     if "validation" not in raw_datasets and "train" in raw_datasets:
         raw_datasets = carve_validation_split(raw_datasets["train"], data_args.validation_split_percentage)
-    needed = [split for split, wanted in (("train", training_args.do_train), ("validation", training_args.do_eval)) if wanted]
+    wanted = {"train": training_args.do_train, "validation": training_args.do_eval}
+    needed = [split for split in wanted if wanted[split]]
     for split in needed:
         if split not in raw_datasets:
             raise UsageError(f"The data has no {split} split; pass --{split}_file or a dataset that has one.")
@@ -500,7 +502,9 @@ def load_tokenizer(model_args):
 
 def load_model(model_args, config, tokenizer):
     if model_args.model_name_or_path:
-        dtype = model_args.torch_dtype if model_args.torch_dtype in ("auto", None) else getattr(torch, model_args.torch_dtype)
+        dtype = model_args.torch_dtype
+        if dtype not in ("auto", None):
+            dtype = getattr(torch, dtype)
         model = AutoModelForCausalLM.from_pretrained(
             model_args.model_name_or_path,
             config=config,
@@ -595,7 +599,10 @@ def preprocess(raw_datasets, tokenizer, block_size, data_args, training_args):
 
     map_kwargs = {}
     if not data_args.streaming:
-        map_kwargs = {"num_proc": data_args.preprocessing_num_workers, "load_from_cache_file": not data_args.overwrite_cache}
+        map_kwargs = {
+            "num_proc": data_args.preprocessing_num_workers,
+            "load_from_cache_file": not data_args.overwrite_cache,
+        }
     with training_args.main_process_first(desc="tokenizing and grouping"):
         tokenized = raw_datasets.map(
             tokenize, batched=True, remove_columns=column_names, **map_kwargs,

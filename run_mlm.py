@@ -3,8 +3,9 @@
 
 The command line follows the Hugging Face / AdapterHub `run_mlm.py` examples flag for flag, for example:
 
-    python run_mlm.py --model_name_or_path roberta-base --dataset_name wikitext --dataset_config_name wikitext-2-raw-v1 \
-        --do_train --do_eval --output_dir /tmp/test-mlm --train_adapter --adapter_config seq_bn
+    python run_mlm.py --model_name_or_path roberta-base --dataset_name wikitext \
+        --dataset_config_name wikitext-2-raw-v1 --do_train --do_eval --output_dir /tmp/test-mlm \
+        --train_adapter --adapter_config seq_bn
 
 Local files work the same way offline (`--train_file`, `--validation_file`, or a folder as `--dataset_name`).
 Run `python run_mlm.py --help` for every flag. Perplexity and accuracy on the masked tokens land in
@@ -429,13 +430,15 @@ def load_raw_datasets(model_args, data_args, training_args):
         try:
             raw_datasets = load_dataset(builder, data_files=data_files, **hub_kwargs)
         except DatasetGenerationError as error:
+            reason = first_line(error.__cause__ or error)
             raise UsageError(
-                f"Could not read {' and '.join(data_files.values())} as {extension}: {first_line(error.__cause__ or error)}; "
+                f"Could not read {' and '.join(data_files.values())} as {extension}: {reason}; "
                 "fix the file or give it the extension of its format."
             ) from None
     if "validation" not in raw_datasets and "train" in raw_datasets:
         raw_datasets = carve_validation_split(raw_datasets["train"], data_args.validation_split_percentage)
-    needed = [split for split, wanted in (("train", training_args.do_train), ("validation", training_args.do_eval)) if wanted]
+    wanted = {"train": training_args.do_train, "validation": training_args.do_eval}
+    needed = [split for split in wanted if wanted[split]]
     for split in needed:
         if split not in raw_datasets:
             raise UsageError(f"The data has no {split} split; pass --{split}_file or a dataset that has one.")
@@ -523,7 +526,9 @@ def load_tokenizer(model_args):
 
 def load_model(model_args, config, tokenizer):
     if model_args.model_name_or_path:
-        dtype = model_args.torch_dtype if model_args.torch_dtype in ("auto", None) else getattr(torch, model_args.torch_dtype)
+        dtype = model_args.torch_dtype
+        if dtype not in ("auto", None):
+            dtype = getattr(torch, dtype)
         model = AutoModelForMaskedLM.from_pretrained(
             model_args.model_name_or_path,
             config=config,
@@ -629,7 +634,10 @@ def preprocess(raw_datasets, tokenizer, max_seq_length, data_args, training_args
 
     map_kwargs = {}
     if not data_args.streaming:
-        map_kwargs = {"num_proc": data_args.preprocessing_num_workers, "load_from_cache_file": not data_args.overwrite_cache}
+        map_kwargs = {
+            "num_proc": data_args.preprocessing_num_workers,
+            "load_from_cache_file": not data_args.overwrite_cache,
+        }
     with training_args.main_process_first(desc="tokenizing and grouping"):
         # Every column is removed, so extra columns of csv/json files never reach the model.
         tokenized = raw_datasets.map(
@@ -756,7 +764,8 @@ def mask_eval_dataset(eval_dataset, tokenizer, data_args, seed):
         return {"input_ids": input_ids[0].tolist(), "labels": labels[0].tolist()}
 
     return eval_dataset.map(
-        mask, with_indices=True, remove_columns=["special_tokens_mask"], **describe("Masking validation data", data_args)
+        mask, with_indices=True, remove_columns=["special_tokens_mask"],
+        **describe("Masking validation data", data_args),
     )
 
 
@@ -1031,7 +1040,8 @@ def main(argv=None):
         metrics.update(evaluate(trainer, eval_dataset))
     publish(trainer, model_args, data_args, training_args)
     curves = plot_training_curves(trainer, training_args)
-    print_summary(trainer, metrics, tokens_per_example(max_seq_length, data_args), curves, model_args, training_args, adapter_args)
+    print_summary(trainer, metrics, tokens_per_example(max_seq_length, data_args), curves, model_args,
+                  training_args, adapter_args)
     return metrics
 
 

@@ -57,13 +57,7 @@ def pretrained_gpt2(assets, tmp_path_factory):
     """A tiny GPT-2 fully trained for one epoch on docstrings: the 'pretrained' base that adapters adapt."""
     import run_clm
 
-    output_dir = tmp_path_factory.mktemp("pretrained-gpt2")
-    run_clm.main([
-        "--model_name_or_path", str(assets.tiny_gpt2), "--train_file", str(assets.train),
-        "--do_train", "--num_train_epochs", "1", "--learning_rate", "3e-3", "--block_size", "64",
-        "--per_device_train_batch_size", "8", "--output_dir", str(output_dir), "--overwrite_output_dir", *QUIET,
-    ])
-    return output_dir
+    return pretrain(run_clm, assets.tiny_gpt2, assets.train, tmp_path_factory.mktemp("pretrained-gpt2"))
 
 
 @pytest.fixture(scope="session")
@@ -71,13 +65,30 @@ def pretrained_roberta(assets, tmp_path_factory):
     """A tiny RoBERTa fully trained for one epoch on docstrings: the 'pretrained' base that adapters adapt."""
     import run_mlm
 
-    output_dir = tmp_path_factory.mktemp("pretrained-roberta")
-    run_mlm.main([
-        "--model_name_or_path", str(assets.tiny_roberta), "--train_file", str(assets.train),
-        "--do_train", "--num_train_epochs", "1", "--learning_rate", "3e-3", "--max_seq_length", "64",
-        "--per_device_train_batch_size", "8", "--output_dir", str(output_dir), "--overwrite_output_dir", *QUIET,
-    ])
+    return pretrain(run_mlm, assets.tiny_roberta, assets.train, tmp_path_factory.mktemp("pretrained-roberta"))
+
+
+def pretrain(script, model, train_file, output_dir):
+    script.main([str(value) for value in [
+        "--model_name_or_path", model, "--train_file", train_file, "--do_train", "--num_train_epochs", "1",
+        "--learning_rate", "3e-3", length_flag(script), "64", "--per_device_train_batch_size", "8",
+        "--output_dir", output_dir, "--overwrite_output_dir", *QUIET,
+    ]])
     return output_dir
+
+
+def length_flag(script):
+    return "--block_size" if script.__name__ == "run_clm" else "--max_seq_length"
+
+
+def tiny_run_arguments(script, assets, output_dir, *extra, length=32, eval_samples=16):
+    """Arguments for a short run of run_clm.py or run_mlm.py on the tiny model of its kind."""
+    model = assets.tiny_gpt2 if script.__name__ == "run_clm" else assets.tiny_roberta
+    return [str(value) for value in [
+        "--model_name_or_path", model, "--train_file", assets.train, "--validation_file", assets.validation,
+        "--max_eval_samples", eval_samples, length_flag(script), length, "--per_device_train_batch_size", "4",
+        "--learning_rate", "1e-2", "--output_dir", output_dir, *QUIET, *extra,
+    ]]
 
 
 def read_json(path):

@@ -4,7 +4,8 @@ import json
 
 import pytest
 from adapters import ADAPTER_CONFIG_MAP
-from conftest import QUIET, read_json
+from conftest import read_json
+from conftest import tiny_run_arguments as arguments
 
 import run_clm
 import run_mlm
@@ -16,16 +17,6 @@ REFUSED = {
     "run_clm": {"compacter", "compacter++", "prompt_tuning", "mtl_lora", "vera", "dora", "dvora", "direft"},
     "run_mlm": {"compacter", "compacter++", "direft"},
 }
-
-
-def arguments(script, assets, output_dir, *extra):
-    clm = script is run_clm
-    return [str(value) for value in [
-        "--model_name_or_path", assets.tiny_gpt2 if clm else assets.tiny_roberta,
-        "--train_file", assets.train, "--validation_file", assets.validation, "--max_eval_samples", "16",
-        "--block_size" if clm else "--max_seq_length", "32", "--per_device_train_batch_size", "4",
-        "--learning_rate", "1e-2", "--output_dir", output_dir, *QUIET, *extra,
-    ]]
 
 
 @pytest.mark.parametrize("method", list(ADAPTER_CONFIG_MAP))

@@ -7,21 +7,15 @@ import sys
 import time
 
 import pytest
-from conftest import QUIET, REPO, read_json
+from conftest import REPO, read_json, tiny_run_arguments
 
 import run_clm
 import run_mlm
 
 
 def arguments(script, assets, output_dir, *extra):
-    clm = script is run_clm
-    return [str(value) for value in [
-        "--model_name_or_path", assets.tiny_gpt2 if clm else assets.tiny_roberta,
-        "--train_file", assets.train, "--validation_file", assets.validation, "--max_eval_samples", "24",
-        "--block_size" if clm else "--max_seq_length", "64", "--per_device_train_batch_size", "4",
-        "--per_device_eval_batch_size", "8", "--do_train", "--do_eval", "--train_adapter", "--learning_rate", "1e-2",
-        "--output_dir", output_dir, *QUIET, *extra,
-    ]]
+    return tiny_run_arguments(script, assets, output_dir, "--do_train", "--do_eval", "--train_adapter", *extra,
+                              length=64, eval_samples=24)
 
 
 @pytest.mark.parametrize("script", [run_clm, run_mlm], ids=["clm", "mlm"])

@@ -64,6 +64,8 @@ class UsageError(Exception):
 class ModelArguments:
     """Which model, config and tokenizer to start from."""
 
+    _argument_group_name = "Model and tokenizer"  # a heading of its own in --help
+
     model_name_or_path: Optional[str] = field(
         default=None,
         metadata={
@@ -125,15 +127,13 @@ class ModelArguments:
             "memory and time for large models."
         },
     )
-    adapter_name: str = field(
-        default="clm",
-        metadata={"help": "Name of the trained adapter; it is saved in <output_dir>/<adapter_name>/."},
-    )
 
 
 @dataclass
 class DataTrainingArguments:
     """Which data to train and evaluate on, and how to cut it into examples."""
+
+    _argument_group_name = "Data"
 
     dataset_name: Optional[str] = field(
         default=None,
@@ -186,13 +186,25 @@ class DataTrainingArguments:
     )
 
 
+@dataclass
+class AdapterGroupArguments(AdapterArguments):
+    """The adapters library's AdapterArguments, under a heading of their own in --help."""
+
+    _argument_group_name = "Adapter"
+
+    adapter_name: str = field(
+        default="clm",
+        metadata={"help": "Name of the trained adapter; it is saved in <output_dir>/<adapter_name>/."},
+    )
+
+
 def parse_arguments(argv):
     """Read the four argument groups from the command line, or from a single .json file of arguments."""
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.accelerator.is_available():
         # torchrun on CPUs: accelerate forms a (gloo) process group over CPUs only when told to; otherwise every
         # process would train alone on all the data and write the same outputs.
         os.environ.setdefault("ACCELERATE_USE_CPU", "true")
-    parser = HfArgumentParser((ModelArguments, DataTrainingArguments, TrainingArguments, AdapterArguments))
+    parser = HfArgumentParser((ModelArguments, DataTrainingArguments, TrainingArguments, AdapterGroupArguments))
     parser.error = reject_command_line  # one line instead of argparse's usage block
     argv = sys.argv[1:] if argv is None else list(argv)
     try:
@@ -524,7 +536,7 @@ def load_model(model_args, config, tokenizer):
     return model
 
 
-def setup_adapter(model, model_args, adapter_args):
+def setup_adapter(model, adapter_args):
     """With --train_adapter, add a fresh (or loaded) adapter to the model and freeze everything else."""
     if not adapter_args.train_adapter:
         return
@@ -533,27 +545,28 @@ def setup_adapter(model, model_args, adapter_args):
     if isinstance(getattr(model.config, "adapters", None), dict):
         del model.config.adapters
     adapters.init(model)
-    check_language_adapter_name(adapter_args, model_args.adapter_name)
+    check_language_adapter_name(adapter_args)
     # use_safetensors reads adapter.safetensors where present and falls back to pytorch_adapter.bin.
     load_kwargs = {"with_head": False, "use_safetensors": True}
     with reported_as_usage_error("--load_adapter", adapter_args.load_adapter or adapter_args.load_lang_adapter):
         try:
-            setup_adapter_training(model, adapter_args, model_args.adapter_name, adapter_load_kwargs=load_kwargs)
+            setup_adapter_training(model, adapter_args, adapter_args.adapter_name, adapter_load_kwargs=load_kwargs)
         except (ValueError, TypeError, AssertionError, RuntimeError) as error:  # adapters' own checks in add_adapter
             raise UsageError(cannot_train_message(adapter_args, model, error)) from None
     # adapters' train_adapter leaves some head weights trainable (RoBERTa's lm_head.dense); they would change
     # without being saved with the adapter, so the saved adapter would not reproduce the trained model.
-    belongs_to_adapter = AdapterLoader(model).filter_func(model_args.adapter_name)
+    belongs_to_adapter = AdapterLoader(model).filter_func(adapter_args.adapter_name)
     for name, parameter in model.named_parameters():
         parameter.requires_grad = parameter.requires_grad and belongs_to_adapter(name)
 
 
-def check_language_adapter_name(adapter_args, adapter_name):
+def check_language_adapter_name(adapter_args):
     config_file = Path(adapter_args.load_lang_adapter or "") / "adapter_config.json"
-    if config_file.is_file() and json.loads(config_file.read_text()).get("name") == adapter_name:
+    if config_file.is_file() and json.loads(config_file.read_text()).get("name") == adapter_args.adapter_name:
         raise UsageError(
-            f"--load_lang_adapter {adapter_args.load_lang_adapter} holds an adapter named '{adapter_name}', like the "
-            "adapter to train, and would replace it; pass another --adapter_name."
+            f"--load_lang_adapter {adapter_args.load_lang_adapter} holds an adapter named "
+            f"'{adapter_args.adapter_name}', like the adapter to train, and would replace it; "
+            "pass another --adapter_name."
         )
 
 
@@ -798,12 +811,11 @@ def safetensors_without_aliases():
         adapters.loading.save_file = save_file
 
 
-def build_trainer(model, tokenizer, data_collator, train_dataset, eval_dataset, model_args, training_args,
-                  adapter_args):
+def build_trainer(model, tokenizer, data_collator, train_dataset, eval_dataset, training_args, adapter_args):
     trainer_class = Trainer
     trainer_kwargs = {}
     if adapter_args.train_adapter:
-        trainer_class, trainer_kwargs = AdapterOnlyTrainer, {"adapter_name": model_args.adapter_name}
+        trainer_class, trainer_kwargs = AdapterOnlyTrainer, {"adapter_name": adapter_args.adapter_name}
     return trainer_class(
         model=model,
         args=training_args,
@@ -889,7 +901,7 @@ def plot_training_curves(trainer, training_args):
     return path
 
 
-def print_summary(trainer, metrics, tokens_per_example, curves, model_args, training_args, adapter_args):
+def print_summary(trainer, metrics, tokens_per_example, curves, training_args, adapter_args):
     """End the run with what a user looks for first: what was trained, how fast, how well, and where it went."""
     if not trainer.is_world_process_zero():
         return
@@ -899,7 +911,7 @@ def print_summary(trainer, metrics, tokens_per_example, curves, model_args, trai
     if training_args.do_train:
         output_dir = Path(training_args.output_dir)
         if adapter_args.train_adapter:
-            saved = output_dir / model_args.adapter_name
+            saved = output_dir / adapter_args.adapter_name
             files = [path for path in saved.rglob("*") if path.is_file()]
         else:
             saved = output_dir
@@ -933,15 +945,14 @@ def main(argv=None):
     tokenizer = load_tokenizer(model_args)
     raw_datasets = load_raw_datasets(model_args, data_args, training_args)
     model = load_model(model_args, config, tokenizer)
-    setup_adapter(model, model_args, adapter_args)
+    setup_adapter(model, adapter_args)
     data_collator = build_data_collator(model)
     check_adapter_trains(model, tokenizer, data_collator, adapter_args)
 
     block_size = choose_block_size(data_args, tokenizer, config)
     lm_datasets = preprocess(raw_datasets, tokenizer, block_size, data_args, training_args)
     train_dataset, eval_dataset = select_samples(lm_datasets, data_args)
-    trainer = build_trainer(model, tokenizer, data_collator, train_dataset, eval_dataset, model_args, training_args,
-                            adapter_args)
+    trainer = build_trainer(model, tokenizer, data_collator, train_dataset, eval_dataset, training_args, adapter_args)
 
     metrics = {}
     if training_args.do_train:
@@ -950,7 +961,7 @@ def main(argv=None):
         metrics.update(evaluate(trainer, eval_dataset))
     publish(trainer, model_args, data_args, training_args)
     curves = plot_training_curves(trainer, training_args)
-    print_summary(trainer, metrics, block_size, curves, model_args, training_args, adapter_args)
+    print_summary(trainer, metrics, block_size, curves, training_args, adapter_args)
     return metrics
 
 

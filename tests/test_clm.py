@@ -230,11 +230,15 @@ def test_automatic_resume_matches_an_uninterrupted_run(assets, tmp_path, caplog)
 def test_help_lists_every_argument():
     result = run_script("run_clm.py", "--help")
     assert result.returncode == 0
-    groups = [run_clm.ModelArguments, run_clm.DataTrainingArguments, TrainingArguments, AdapterArguments]
+    groups = [run_clm.ModelArguments, run_clm.DataTrainingArguments, TrainingArguments, run_clm.AdapterGroupArguments]
     flags = [field.name for group in groups for field in dataclasses.fields(group) if field.init]
     missing = [flag for flag in flags if f"--{flag}" not in result.stdout]
     assert not missing
-    for group in (run_clm.ModelArguments, run_clm.DataTrainingArguments):
+    assert {"--train_adapter", "--adapter_config", "--load_lang_adapter"} <= {
+        f"--{f.name}" for f in dataclasses.fields(AdapterArguments)}  # the library's flags, all of them shown
+    for headline in ("Model and tokenizer:", "Data:", "Adapter:"):
+        assert f"\n{headline}\n" in result.stdout
+    for group in (run_clm.ModelArguments, run_clm.DataTrainingArguments, run_clm.AdapterGroupArguments):
         assert all(field.metadata.get("help") for field in dataclasses.fields(group))
 
 

@@ -30,7 +30,7 @@ def test_quick_start_trains_an_adapter_and_reports_it(tmp_path):
     assert results["perplexity"] < 950  # from ~1000, the uniform guess of a random model
     summary = result.stdout[result.stdout.index("***** summary *****"):]
     assert re.search(r"trainable parameters: [\d,]+ of [\d,]+ \(\d+\.\d\d%\)", summary)
-    assert f"saved adapter: outputs/quickstart-clm/clm (" in summary
+    assert "saved adapter: outputs/quickstart-clm/clm (" in summary
     assert f"perplexity {results['perplexity']:.2f}" in summary
     assert re.search(r"training: [\d.]+ s \([\d.]+ samples/s, [\d,]+ tokens/s\)", summary)
     assert (output_dir / "clm" / "adapter_config.json").is_file()

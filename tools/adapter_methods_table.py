@@ -79,10 +79,10 @@ def measure(script, argv):
     # lm_head.dense), so this is the number the script's own summary prints.
     model_args, _, training_args, adapter_args = script.parse_arguments(argv)
     model = script.load_model(model_args, script.load_config(model_args), script.load_tokenizer(model_args))
-    script.setup_adapter(model, model_args, adapter_args)
+    script.setup_adapter(model, adapter_args)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
-    saved = Path(training_args.output_dir) / model_args.adapter_name
+    saved = Path(training_args.output_dir) / adapter_args.adapter_name
     size = sum(path.stat().st_size for path in saved.rglob("*") if path.is_file())
     return f"✓ {trainable:,} params ({100 * trainable / total:.2f}%), {size / 1000:,.1f} kB"
 

@@ -1,0 +1,633 @@
+#!/usr/bin/env python
+"""Benchmark run_clm.py and run_mlm.py on this machine, offline, and report each figure as a ratio to a ceiling.
+
+    python benchmarks/run_benchmark.py            # GPT-2 small / RoBERTa base width, 6 layers: ~10 min on 2 cores
+    python benchmarks/run_benchmark.py --quick    # 2 layers, 256 wide, fewer runs: ~2 min
+
+Everything is built on the spot, in a temporary folder, from text that every Python install has (the standard
+library's source): a corpus, byte-level BPE tokenizers with GPT-2 and RoBERTa special tokens, and models with
+random weights. What is measured, all with the scripts' own functions:
+
+* preprocessing: the scripts' `preprocess` (tokenizing and grouping through `datasets`) against the bare tokenizer
+  on the same text in the same process, on 1 and 2 workers; the scripts' `group_texts` against the list-chaining
+  version of the Hugging Face examples, alone and inside `Dataset.map`; and how much longer preprocessing takes
+  when the validation file is the training file;
+* training: tokens/s and peak memory of full fine-tuning and of --train_adapter with seq_bn, lora and
+  prefix_tuning, for both scripts, each run in a fresh process, interleaved and repeated (medians over all timed
+  steps); each run's model FLOPs (counted by PyTorch) per second against this machine's fp32 matmul throughput,
+  measured just before the run; and the share of each step spent waiting for data;
+* --bf16 and --torch_compile against fp32 eager, on the small shape (on CPUs without native bf16 a bf16 step of
+  the large shape takes minutes, and compiling it alone takes about 3 minutes).
+
+Results are written to OUT/results.json and OUT/results.md (--out, default benchmarks/results).
+"""
+
+import argparse
+import json
+import multiprocessing
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import sysconfig
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from functools import partial
+from itertools import chain
+from pathlib import Path
+from typing import Optional
+from unittest import mock
+
+# Set before transformers/datasets are imported, here and in every training process started from here.
+os.environ.update(
+    HF_HUB_OFFLINE="1",
+    HF_DATASETS_OFFLINE="1",
+    TRANSFORMERS_NO_ADVISORY_WARNINGS="1",
+    HF_DATASETS_DISABLE_PROGRESS_BARS="1",
+)
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(REPO), str(REPO / "tools")]
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from datasets import Dataset, load_from_disk  # noqa: E402
+
+import make_tiny_assets  # noqa: E402
+import run_clm  # noqa: E402
+import run_mlm  # noqa: E402
+
+SCRIPTS = {"run_clm": run_clm, "run_mlm": run_mlm}
+MODEL_KIND = {"run_clm": "gpt2", "run_mlm": "roberta"}
+LENGTH_FLAG = {"run_clm": "--block_size", "run_mlm": "--max_seq_length"}
+REAL_VOCAB = {"gpt2": 50257, "roberta": 50265}
+METHODS = ("full", "seq_bn", "lora", "prefix_tuning")
+BATCH_TEXTS = 1000  # texts per batch, as `datasets` maps by default
+GROUPING_REPEATS = 3  # grouping is quick to repeat, and noisy
+TRAINING_TIMEOUT_S = 900
+
+
+@dataclass(frozen=True)
+class Shape:
+    name: str
+    layers: int
+    hidden: int
+    heads: int
+    block: int
+    vocab: Optional[int] = None  # None: the real vocabulary size of each model
+    batch: int = 4
+
+    def vocab_size(self, kind):
+        return self.vocab or REAL_VOCAB[kind]
+
+    def config(self, kind):
+        """Config overrides for make_tiny_assets.build_model."""
+        if kind == "gpt2":
+            return {"n_layer": self.layers, "n_embd": self.hidden, "n_head": self.heads, "n_positions": 1024,
+                    "vocab_size": self.vocab_size(kind)}
+        return {"num_hidden_layers": self.layers, "hidden_size": self.hidden, "num_attention_heads": self.heads,
+                "intermediate_size": 4 * self.hidden, "max_position_embeddings": 514,
+                "vocab_size": self.vocab_size(kind)}
+
+
+BASE = Shape("6 layers x 768 (GPT-2 small / RoBERTa base)", layers=6, hidden=768, heads=12, block=256)
+# With the real vocabulary, the output layer alone would make the small shape's steps as slow as the large ones.
+SMALL = Shape("2 layers x 256", layers=2, hidden=256, heads=4, block=128, vocab=8192)
+
+
+@dataclass(frozen=True)
+class Mode:
+    shape: Shape
+    corpus_chars: int  # the fixed costs of a `datasets` map (worker pools, cache files) weigh on small corpora
+    preprocessing_repeats: int
+    rounds: int  # of training runs
+    steps: int  # timed optimizer steps per training run, after one warm-up step
+    methods: tuple
+    variants: tuple  # run on SMALL: "bf16", "compile"
+
+
+MODES = {
+    "full": Mode(BASE, corpus_chars=8_000_000, preprocessing_repeats=2, rounds=3, steps=2, methods=METHODS,
+                 variants=("bf16", "compile")),
+    # Each training run spends 5-15 s starting up, so --quick trains fewer; compiling alone would take a minute.
+    "quick": Mode(SMALL, corpus_chars=1_000_000, preprocessing_repeats=1, rounds=1, steps=2,
+                  methods=("full", "seq_bn"), variants=("bf16",)),
+}
+
+START = time.perf_counter()
+
+
+def progress(message):
+    print(f"[{time.perf_counter() - START:6.0f}s] {message}", flush=True)
+
+
+# ---------------------------------------------------------------------------------------------------- assets
+
+
+def build_corpus(path, chars):
+    """Non-empty lines of the standard library's source, file by file in sorted order, up to `chars` characters."""
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    lines, total = [], 0
+    for source in sorted(stdlib.rglob("*.py")):
+        if "site-packages" in source.parts:
+            continue
+        try:
+            text = source.read_text(encoding="utf-8")
+        except (UnicodeDecodeError, OSError):  # a few test files are deliberately not UTF-8
+            continue
+        for line in text.splitlines():
+            if line.strip():
+                lines.append(line.rstrip())
+                total += len(lines[-1]) + 1
+        if total >= chars:
+            break
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+def build_assets(work, mode):
+    """The corpus, a small training file, and per model kind and shape a tokenizer and a random-weight model."""
+    corpus = build_corpus(work / "corpus.txt", mode.corpus_chars)
+    # Training runs need only a few steps' worth of blocks; a small file keeps their start-up short.
+    train_file = build_corpus(work / "train.txt", 200_000)
+    tokenizers, models = {}, {}
+    for shape in {mode.shape, SMALL} if mode.variants else {mode.shape}:
+        for kind in REAL_VOCAB:
+            folder = work / f"{kind}-{shape.layers}x{shape.hidden}"
+            tokenizer = make_tiny_assets.build_tokenizer(
+                kind, [corpus], f"{folder}-tokenizer", vocab_size=shape.vocab_size(kind)
+            )
+            tokenizers[kind, shape] = tokenizer
+            # The model keeps the full vocabulary width even where BPE ran out of pairs to merge before it.
+            models[kind, shape] = make_tiny_assets.build_model(kind, tokenizer, folder, **shape.config(kind))
+    return corpus, train_file, tokenizers, models
+
+
+# ---------------------------------------------------------------------------------------------------- machine
+
+
+def machine_description():
+    model_name = next(
+        (line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+         if line.startswith("model name")),
+        platform.processor(),
+    )
+    flags = next((line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")), "")
+    return {
+        "cpu": model_name,
+        "cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "native_bf16": any(flag in flags.split() for flag in ("avx512_bf16", "amx_bf16")),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+    }
+
+
+def matmul_gflops(size=2048, repeats=5):
+    """fp32 matmul throughput: the ceiling for training FLOP/s. Median of a few after a warm-up."""
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    a @ b
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        a @ b
+        times.append(time.perf_counter() - start)
+    return 2 * size**3 / statistics.median(times) / 1e9
+
+
+def bf16_linear_speedup(tokens=1024, hidden=768, repeats=3):
+    """How much faster a linear layer runs under --bf16's CPU autocast than in fp32 (below 1: slower)."""
+    layer, inputs = torch.nn.Linear(hidden, 4 * hidden), torch.randn(tokens, hidden)
+
+    def seconds(autocast):
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            layer(inputs)
+            start = time.perf_counter()
+            for _ in range(repeats):
+                layer(inputs)
+        return time.perf_counter() - start
+
+    return seconds(False) / seconds(True)
+
+
+# ---------------------------------------------------------------------------------------------------- preprocessing
+
+
+def script_arguments(name, tokenizer_dir, block, corpus, work, *extra):
+    """The four argument groups, as the script parses them from a command line."""
+    return SCRIPTS[name].parse_arguments([
+        "--tokenizer_name", str(tokenizer_dir), "--train_file", str(corpus), "--do_train",
+        LENGTH_FLAG[name], str(block), "--output_dir", str(work / "preprocess-output"),
+        "--cache_dir", str(work / "cache"), "--overwrite_cache", "--report_to", "none", *extra,
+    ])
+
+
+def time_preprocess(name, tokenizer_dir, block, corpus, work, workers, same_file_validation=False):
+    """Seconds the script's own preprocess takes to tokenize and group the corpus (loading it is not timed)."""
+    module = SCRIPTS[name]
+    # Without the flag the script maps in-process, where the tokenizer runs on every core by itself.
+    extra = ["--preprocessing_num_workers", str(workers)] if workers > 1 else []
+    if same_file_validation:
+        extra += ["--validation_file", str(corpus), "--do_eval"]
+    model_args, data_args, training_args, _ = script_arguments(name, tokenizer_dir, block, corpus, work, *extra)
+    raw_datasets = module.load_raw_datasets(model_args, data_args, training_args)
+    tokenizer = module.load_tokenizer(model_args)
+    start = time.perf_counter()
+    module.preprocess(raw_datasets, tokenizer, block, data_args, training_args)
+    return time.perf_counter() - start
+
+
+def corpus_texts(name, tokenizer_dir, block, corpus, work):
+    """The texts exactly as the script reads them (one per line, line breaks kept)."""
+    module = SCRIPTS[name]
+    model_args, data_args, training_args, _ = script_arguments(name, tokenizer_dir, block, corpus, work)
+    return list(module.load_raw_datasets(model_args, data_args, training_args)["train"]["text"])
+
+
+_FORKED = {}  # what bare-tokenizer worker processes inherit when forked, instead of receiving it pickled
+
+
+def _count_tokens(bounds):
+    tokenizer, texts = _FORKED["tokenizer"], _FORKED["texts"]
+    start, stop = bounds
+    return sum(
+        len(ids) for i in range(start, stop, BATCH_TEXTS)
+        for ids in tokenizer(texts[i:min(i + BATCH_TEXTS, stop)])["input_ids"]
+    )
+
+
+def fresh_tokenizer(name, tokenizer_dir, work):
+    """The tokenizer as the script loads it. BPE caches the words it has seen, so a used one would be faster."""
+    model_args = SCRIPTS[name].parse_arguments(
+        ["--tokenizer_name", str(tokenizer_dir), "--output_dir", str(work / "preprocess-output"), "--report_to", "none"]
+    )[0]
+    return SCRIPTS[name].load_tokenizer(model_args)
+
+
+def time_bare_tokenizer(tokenizer, texts, workers):
+    """Seconds and tokens for the tokenizer alone on the texts, in batches as `datasets` makes: the ceiling."""
+    _FORKED.update(tokenizer=tokenizer, texts=texts)
+    shards = np.array_split(np.arange(len(texts)), workers)
+    bounds = [(int(shard[0]), int(shard[-1]) + 1) for shard in shards]
+    start = time.perf_counter()
+    if workers == 1:
+        tokens = _count_tokens(bounds[0])
+    else:
+        # As `datasets` does for its workers: forked processes tokenize on one thread each.
+        with mock.patch.dict(os.environ, TOKENIZERS_PARALLELISM="false"), \
+                multiprocessing.get_context("fork").Pool(workers) as pool:
+            tokens = sum(pool.map(_count_tokens, bounds))
+    return time.perf_counter() - start, tokens
+
+
+def chained_group_texts(examples, block_size, with_labels):
+    """group_texts of the Hugging Face examples: chain the Python lists, slice them, drop the remainder."""
+    concatenated_examples = {k: list(chain(*examples[k])) for k in examples.keys()}
+    total_length = len(concatenated_examples[list(examples.keys())[0]])
+    total_length = (total_length // block_size) * block_size
+    result = {
+        k: [t[i : i + block_size] for i in range(0, total_length, block_size)]
+        for k, t in concatenated_examples.items()
+    }
+    if with_labels:
+        result["labels"] = result["input_ids"].copy()
+    return result
+
+
+def measure_grouping(name, tokenizer, texts, block, work):
+    """Tokens/s of the script's group_texts and of list chaining, alone and inside Dataset.map; checks equality."""
+    batches = [dict(tokenizer(texts[i:i + BATCH_TEXTS])) for i in range(0, len(texts), BATCH_TEXTS)]
+    tokens = sum(len(ids) for batch in batches for ids in batch["input_ids"])
+    functions = {
+        "script": SCRIPTS[name].group_texts,
+        "chaining": partial(chained_group_texts, with_labels=name == "run_clm"),
+    }
+    for batch in batches:
+        ours, theirs = (functions[key](batch, block) for key in ("script", "chaining"))
+        if {key: np.asarray(blocks).tolist() for key, blocks in ours.items()} != theirs:
+            raise AssertionError(f"{name}.group_texts cut different blocks from the list-chaining version")
+
+    # Saved and reloaded, so that map writes its output to cache files as it does in the script.
+    columns = {key: [ids for batch in batches for ids in batch[key]] for key in batches[0]}
+    Dataset.from_dict(columns).save_to_disk(work / f"tokenized-{name}")
+    dataset = load_from_disk(work / f"tokenized-{name}")
+    seconds = {f"{key}{where}": [] for key in functions for where in ("", "_in_map")}
+    for repeat in range(GROUPING_REPEATS + 1):
+        for key, function in functions.items():
+            start = time.perf_counter()
+            for batch in batches:
+                function(batch, block)
+            alone = time.perf_counter() - start
+            start = time.perf_counter()
+            dataset.map(function, batched=True, fn_kwargs={"block_size": block}, load_from_cache_file=False)
+            if repeat > 0:  # the first round warms up: the first map of a process is slower
+                seconds[key].append(alone)
+                seconds[f"{key}_in_map"].append(time.perf_counter() - start)
+    return {key: tokens / statistics.median(values) for key, values in seconds.items()}
+
+
+def measure_preprocessing(mode, corpus, train_file, tokenizers, work):
+    """Throughputs of the scripts' preprocessing and grouping, each next to its ceiling or reference."""
+    results = {}
+    block = mode.shape.block
+    for name in SCRIPTS:
+        tokenizer_dir = tokenizers[MODEL_KIND[name], mode.shape]
+        texts = corpus_texts(name, tokenizer_dir, block, corpus, work)
+        results[name] = {"texts": len(texts), "workers": {}}
+        for workers in (1, 2):
+            # Warm-up on the small file: the first map, worker pool and tokenizer call of a process are slower.
+            time_preprocess(name, tokenizer_dir, block, train_file, work, workers)
+            time_bare_tokenizer(fresh_tokenizer(name, tokenizer_dir, work), texts[:BATCH_TEXTS], workers)
+            bare, script = [], []
+            for _ in range(mode.preprocessing_repeats):  # interleaved, so that both see the same load
+                seconds, tokens = time_bare_tokenizer(fresh_tokenizer(name, tokenizer_dir, work), texts, workers)
+                bare.append(seconds)
+                script.append(time_preprocess(name, tokenizer_dir, block, corpus, work, workers))
+            figures = results[name]["workers"][workers] = {
+                "bare_tokens_per_s": tokens / statistics.median(bare),
+                "script_tokens_per_s": tokens / statistics.median(script),
+                "script_seconds": statistics.median(script),
+            }
+            results[name]["tokens"] = tokens
+            progress(f"preprocessing {name}, {workers} worker(s): bare tokenizer "
+                     f"{figures['bare_tokens_per_s']:,.0f} tokens/s, script {figures['script_tokens_per_s']:,.0f}")
+        tokenizer = fresh_tokenizer(name, tokenizer_dir, work)
+        grouping = results[name]["grouping"] = measure_grouping(name, tokenizer, texts, block, work)
+        progress(f"grouping {name} (tokens/s): " + ", ".join(f"{key} {value:,.0f}" for key, value in grouping.items()))
+    # A validation file that is the training file: does the script tokenize the same text twice?
+    gpt2_tokenizer = tokenizers["gpt2", mode.shape]
+    both = time_preprocess("run_clm", gpt2_tokenizer, block, corpus, work, 1, same_file_validation=True)
+    results["same_file_validation_time_ratio"] = both / results["run_clm"]["workers"][1]["script_seconds"]
+    return results
+
+
+# ---------------------------------------------------------------------------------------------------- training
+
+
+@dataclass(frozen=True)
+class Run:
+    script: str
+    method: str  # "full" or an adapter config
+    shape: Shape
+    variant: str = "fp32"  # "fp32" (eager), "bf16" or "compile"
+
+    def argv(self, model_dir, train_file, work, output_dir, steps):
+        argv = [
+            "--model_name_or_path", str(model_dir), "--train_file", str(train_file), "--cache_dir", str(work / "cache"),
+            LENGTH_FLAG[self.script], str(self.shape.block), "--per_device_train_batch_size", str(self.shape.batch),
+            "--do_train", "--max_steps", str(steps + 1), "--output_dir", str(output_dir), "--overwrite_output_dir",
+            "--report_to", "none", "--save_strategy", "no", "--disable_tqdm", "true", "--log_level", "warning",
+        ]
+        if self.method != "full":
+            argv += ["--train_adapter", "--adapter_config", self.method]
+        if self.variant == "bf16":
+            argv += ["--use_cpu", "--bf16"]  # without --use_cpu, transformers refuses --bf16 on a machine with no GPU
+        elif self.variant == "compile":
+            argv += ["--torch_compile"]
+        return argv
+
+
+def schedule(mode):
+    """Rounds of training runs: every script and method once per round, in reverse order every other round."""
+    grid = [Run(script, method, mode.shape) for method in mode.methods for script in SCRIPTS]
+    rounds = [grid if index % 2 == 0 else grid[::-1] for index in range(mode.rounds)]
+    variants = [Run("run_clm", "seq_bn", SMALL, variant) for variant in mode.variants]
+    if variants and mode.shape != SMALL:
+        variants.insert(0, Run("run_clm", "seq_bn", SMALL))  # the fp32 baseline the variants are compared with
+    rounds[-1] = rounds[-1] + variants
+    return rounds
+
+
+def train_once(run, models, train_file, work, steps, index):
+    """One training run of the script in a fresh process; returns its timings, or the error it ended with."""
+    run_dir = work / f"run-{index}"
+    run_dir.mkdir()
+    spec = {
+        "script": run.script,
+        "argv": run.argv(models[MODEL_KIND[run.script], run.shape], train_file, work, run_dir / "output", steps),
+        # The flop counter and the compiler do not mix; the compiled model does the same FLOPs as the eager one.
+        "count_flops": run.variant != "compile",
+        "result": str(run_dir / "result.json"),
+    }
+    (run_dir / "spec.json").write_text(json.dumps(spec))
+    log = work / f"run-{index}.log"
+    with open(log, "w") as output:
+        completed = subprocess.run(
+            [sys.executable, str(REPO / "benchmarks" / "train_once.py"), str(run_dir / "spec.json")],
+            stdout=output, stderr=subprocess.STDOUT, timeout=TRAINING_TIMEOUT_S,
+        )
+    if completed.returncode == 0:
+        result = json.loads((run_dir / "result.json").read_text())
+    else:
+        last_lines = log.read_text().strip().splitlines()[-1:]
+        result = {"error": last_lines[0] if last_lines else f"exit status {completed.returncode}"}
+    shutil.rmtree(run_dir)  # a fully fine-tuned model is hundreds of MB
+    return result
+
+
+def measure_training(mode, models, train_file, work):
+    runs = []
+    for number, round_runs in enumerate(schedule(mode), 1):
+        progress(f"training round {number}/{mode.rounds}")
+        for run in round_runs:
+            # Measured just before each run, so that the ratio sees about the same load on the machine as the run.
+            matmul = matmul_gflops()
+            result = {**train_once(run, models, train_file, work, mode.steps, len(runs)), "matmul_gflops_s": matmul}
+            runs.append((run, result))
+            outcome = result.get("error") or (
+                f"median step {statistics.median(result['step_s']):.2f}s, peak {result['peak_rss_mib']:.0f} MiB")
+            progress(f"  {run.script} {run.method} {run.shape.layers}x{run.shape.hidden} {run.variant}: {outcome}"
+                     f" (matmul {matmul:.0f} GFLOP/s)")
+    return runs
+
+
+def summarise_training(runs):
+    """Per script, method, shape and variant: medians over all timed steps of all its runs."""
+    grouped = {}
+    for run, result in runs:
+        grouped.setdefault(run, []).append(result)
+    eager_flops = {
+        (run.script, run.method, run.shape): result["flops_per_step"]
+        for run, results in grouped.items() for result in results if result.get("flops_per_step")
+    }
+    summary = []
+    for run, results in grouped.items():
+        entry = {"script": run.script, "method": run.method, "shape": run.shape.name, "variant": run.variant}
+        done = [result for result in results if "error" not in result]
+        if not done:
+            summary.append({**entry, "error": results[0]["error"]})
+            continue
+        step_s = statistics.median(chain.from_iterable(result["step_s"] for result in done))
+        flops = eager_flops.get((run.script, run.method, run.shape))
+        matmul_gflops_s = statistics.median(result["matmul_gflops_s"] for result in done)
+        summary.append({
+            **entry,
+            "runs": len(done),
+            "tokens_per_s": run.shape.batch * run.shape.block / step_s,
+            "peak_rss_mib": statistics.median(result["peak_rss_mib"] for result in done),
+            "gflop_per_step": flops / 1e9 if flops else None,
+            "gflop_per_s": flops / step_s / 1e9 if flops else None,
+            "of_matmul": flops / step_s / 1e9 / matmul_gflops_s if flops else None,
+            "data_wait_share": statistics.median(chain.from_iterable(r["data_wait_s"] for r in done)) / step_s,
+            "first_step_s": statistics.median(result["first_step_s"] for result in done),
+        })
+    return summary
+
+
+# ---------------------------------------------------------------------------------------------------- report
+
+
+def find(summary, script, method, shape_name, variant="fp32"):
+    return next((entry for entry in summary if (entry["script"], entry["method"], entry["shape"], entry["variant"])
+                 == (script, method, shape_name, variant) and "error" not in entry), None)
+
+
+def baseline(summary, entry):
+    """What a row is compared with: full fine-tuning for an fp32 eager run, fp32 eager for a variant."""
+    if entry["variant"] != "fp32":
+        return find(summary, entry["script"], entry["method"], entry["shape"])
+    if entry["method"] != "full":
+        return find(summary, entry["script"], "full", entry["shape"])
+    return None
+
+
+def targets(results, mode):
+    """Each target of the issue with the measured figure and whether it is met."""
+    rows = []
+    preprocessing, summary = results["preprocessing"], results["training"]
+    for name in SCRIPTS:
+        for workers, figures in preprocessing[name]["workers"].items():
+            ratio = figures["script_tokens_per_s"] / figures["bare_tokens_per_s"]
+            rows.append((f"{name} preprocessing, {workers} worker(s), vs bare tokenizer", ">= 0.9x", f"{ratio:.2f}x",
+                         ratio >= 0.9))
+        grouping = preprocessing[name]["grouping"]
+        for where, label in (("", "alone"), ("_in_map", "in Dataset.map")):
+            ratio = grouping[f"script{where}"] / grouping[f"chaining{where}"]
+            rows.append((f"{name} group_texts vs list chaining, {label}", ">= 4x", f"{ratio:.2f}x", ratio >= 4))
+    for method in mode.methods[1:]:
+        full, adapter = (find(summary, "run_clm", m, mode.shape.name) for m in ("full", method))
+        if full and adapter:
+            speed = adapter["tokens_per_s"] / full["tokens_per_s"]
+            memory = adapter["peak_rss_mib"] / full["peak_rss_mib"]
+            rows.append((f"run_clm {method} vs full fine-tuning ({mode.shape.name})",
+                         ">= 1.6x tokens/s at <= 0.75x peak memory", f"{speed:.2f}x at {memory:.2f}x",
+                         speed >= 1.6 and memory <= 0.75))
+    for entry in summary:
+        if entry.get("of_matmul") is not None and entry["variant"] == "fp32" and entry["shape"] == mode.shape.name:
+            rows.append((f"{entry['script']} {entry['method']} FLOP/s vs fp32 matmul", ">= 75%",
+                         f"{entry['of_matmul']:.0%}", entry["of_matmul"] >= 0.75))
+    fp32, bf16 = (find(summary, "run_clm", "seq_bn", SMALL.name, variant) for variant in ("fp32", "bf16"))
+    if fp32 and bf16:
+        ratio = bf16["tokens_per_s"] / fp32["tokens_per_s"]
+        rows.append((f"--bf16 vs fp32 (run_clm seq_bn, {SMALL.name})", ">= 1.5x", f"{ratio:.2f}x", ratio >= 1.5))
+    return rows
+
+
+def markdown(results, mode):
+    machine = results["machine"]
+    lines = [
+        f"Machine: {machine['cpu']}, {machine['cores']} cores ({machine['torch_threads']} torch threads), "
+        f"native bf16: {'yes' if machine['native_bf16'] else 'no'}; torch {machine['torch']}, "
+        f"Python {machine['python']}. Load average before / after: {results['load_before']} / {results['load_after']}. "
+        f"Mode: {results['mode']}, {results['minutes']:.1f} minutes.",
+        "",
+        f"fp32 matmul (2048x2048, median over the runs): {results['matmul_gflops_s']:.0f} GFLOP/s; a linear layer under "
+        f"--bf16 autocast runs {results['bf16_linear_speedup']:.2f}x as fast as in fp32.",
+        "",
+        "| Preprocessing | workers | bare tokenizer tokens/s | script tokens/s | ratio |",
+        "|---|---|---|---|---|",
+    ]
+    preprocessing = results["preprocessing"]
+    for name in SCRIPTS:
+        for workers, figures in preprocessing[name]["workers"].items():
+            lines.append(f"| {name} ({preprocessing[name]['tokens']:,} tokens) | {workers} | "
+                         f"{figures['bare_tokens_per_s']:,.0f} | {figures['script_tokens_per_s']:,.0f} | "
+                         f"{figures['script_tokens_per_s'] / figures['bare_tokens_per_s']:.2f}x |")
+    lines += [
+        "",
+        f"Validation file = training file: preprocessing takes {preprocessing['same_file_validation_time_ratio']:.2f}x "
+        "as long as for the training file alone.",
+        "",
+        "| Grouping (tokens/s) | list chaining | script's group_texts | ratio | chaining in map | script in map | ratio |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for name in SCRIPTS:
+        g = preprocessing[name]["grouping"]
+        lines.append(f"| {name} | {g['chaining']:,.0f} | {g['script']:,.0f} | {g['script'] / g['chaining']:.2f}x | "
+                     f"{g['chaining_in_map']:,.0f} | {g['script_in_map']:,.0f} | "
+                     f"{g['script_in_map'] / g['chaining_in_map']:.2f}x |")
+    lines += [
+        "",
+        f"Training: batch {mode.shape.batch}, medians over {mode.steps} timed steps x {mode.rounds} interleaved "
+        "run(s), after a warm-up step. Ratios (x) against full fine-tuning of the same script and shape, or for "
+        "the bf16 and compile variants against the fp32 eager run. Data wait: the share of a step spent fetching "
+        "its batch. First step: warm-up, including compilation.",
+        "",
+        "| script | method | shape | variant | tokens/s | x | peak RSS MiB | x | GFLOP/step | GFLOP/s "
+        "| of matmul | data wait | first step s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    summary = results["training"]
+    for entry in summary:
+        if "error" in entry:
+            lines.append(f"| {entry['script']} | {entry['method']} | {entry['shape']} | {entry['variant']} | "
+                         f"failed: {entry['error']} | | | | | | | | |")
+            continue
+        base = baseline(summary, entry)
+        speed = f"{entry['tokens_per_s'] / base['tokens_per_s']:.2f}" if base else ""
+        memory = f"{entry['peak_rss_mib'] / base['peak_rss_mib']:.2f}" if base else ""
+        flops = (f"{entry['gflop_per_step']:.0f} | {entry['gflop_per_s']:.0f} | {entry['of_matmul']:.0%}"
+                 if entry["gflop_per_step"] else " | | ")
+        lines.append(f"| {entry['script']} | {entry['method']} | {entry['shape']} | {entry['variant']} | "
+                     f"{entry['tokens_per_s']:,.0f} | {speed} | {entry['peak_rss_mib']:,.0f} | {memory} | {flops} | "
+                     f"{entry['data_wait_share']:.1%} | {entry['first_step_s']:.1f} |")
+    lines += ["", "| Target | wanted | measured | met |", "|---|---|---|---|"]
+    for target, wanted, measured, met in results["targets"]:
+        lines.append(f"| {target} | {wanted} | {measured} | {'yes' if met else 'no'} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="a small shape and one round: under 3 minutes")
+    parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results", help="folder for the results")
+    args = parser.parse_args(argv)
+    mode_name = "quick" if args.quick else "full"
+    mode = MODES[mode_name]
+    load_before = os.getloadavg()[0]
+    with tempfile.TemporaryDirectory(prefix="lm-benchmark-") as folder:
+        work = Path(folder)
+        # A fresh compilation cache, so that --torch_compile's first step costs the same on every run of this.
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(work / "torchinductor")
+        corpus, train_file, tokenizers, models = build_assets(work, mode)
+        progress(f"assets built in {work}")
+        machine = machine_description()
+        bf16_speedup = bf16_linear_speedup()
+        preprocessing = measure_preprocessing(mode, corpus, train_file, tokenizers, work)
+        runs = measure_training(mode, models, train_file, work)
+    results = {
+        "mode": mode_name,
+        "settings": asdict(mode),
+        "machine": machine,
+        "load_before": round(load_before, 1),
+        "load_after": round(os.getloadavg()[0], 1),
+        "minutes": (time.perf_counter() - START) / 60,
+        "matmul_gflops_s": statistics.median(result["matmul_gflops_s"] for _, result in runs),
+        "bf16_linear_speedup": bf16_speedup,
+        "preprocessing": preprocessing,
+        "training": summarise_training(runs),
+        "training_runs": [{**asdict(run), **result} for run, result in runs],
+    }
+    results["targets"] = targets(results, mode)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    (args.out / "results.md").write_text(markdown(results, mode))
+    print(markdown(results, mode))
+    progress(f"wrote {args.out / 'results.json'} and {args.out / 'results.md'}")
+
+
+if __name__ == "__main__":
+    main()

@@ -13,6 +13,7 @@ Run `python run_mlm.py --help` for every flag. Perplexity and accuracy on the ma
 """
 
 import codecs
+import hashlib
 import json
 import logging
 import math
@@ -39,6 +40,7 @@ from transformers import (
     DataCollatorForLanguageModeling,
     HfArgumentParser,
     Trainer,
+    TrainerCallback,
     TrainingArguments,
     set_seed,
 )
@@ -743,8 +745,18 @@ def compute_metrics(eval_prediction):
     return {"accuracy": float((predictions[counted] == labels[counted]).mean())}
 
 
-class MaskingCollator(DataCollatorForLanguageModeling):
-    """Masks training batches afresh every time; validation examples, masked once beforehand, are only padded."""
+class MaskingCollator(DataCollatorForLanguageModeling, TrainerCallback):
+    """Masks training batches afresh in every epoch; validation examples, masked once beforehand, are only padded.
+
+    A training batch's masks come from a generator seeded by the run's seed, the epoch and the batch's tokens, not
+    from the global random state: the Trainer collates the first batch after a resume before it restores that
+    state, and data loader workers each have their own. A resumed run thus masks exactly as an uninterrupted one.
+    """
+
+    epoch = 0
+
+    def on_epoch_begin(self, args, state, control, **kwargs):
+        self.epoch = math.floor(state.epoch or 0)  # state.epoch counts fractions of an epoch, restored on resume
 
     def torch_call(self, examples):
         if "labels" not in examples[0]:
@@ -760,6 +772,12 @@ class MaskingCollator(DataCollatorForLanguageModeling):
         ]
         batch["labels"] = torch.tensor(padded, dtype=torch.long)
         return batch
+
+    def torch_mask_tokens(self, inputs, **masks):
+        key = f"{self.seed}/{self.epoch}".encode()
+        digest = hashlib.blake2b(inputs.numpy().tobytes(), digest_size=8, key=key).digest()
+        self.generator = torch.Generator().manual_seed(int.from_bytes(digest, "little"))
+        return super().torch_mask_tokens(inputs, **masks)
 
 
 def mask_eval_dataset(eval_dataset, tokenizer, data_args, seed):
@@ -815,6 +833,7 @@ def build_data_collator(tokenizer, model, data_args, training_args):
         tokenizer=tokenizer,
         mlm_probability=data_args.mlm_probability,
         pad_to_multiple_of=8 if pad_to_multiple_of_8 else None,
+        seed=training_args.seed,
     )
     return with_prompt_labels(masking_collator, model)
 
@@ -908,6 +927,8 @@ def build_trainer(model, tokenizer, data_collator, train_dataset, eval_dataset, 
         data_collator=data_collator,
         compute_metrics=compute_metrics if training_args.do_eval else None,
         preprocess_logits_for_metrics=preprocess_logits_for_metrics if training_args.do_eval else None,
+        # The masking collator learns the epoch from the Trainer, so that every epoch masks the text differently.
+        callbacks=[getattr(data_collator, "collator", data_collator)],
         **trainer_kwargs,
     )
 

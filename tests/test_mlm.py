@@ -1,6 +1,7 @@
 """run_mlm.py end to end on tiny offline models: training, fixed evaluation masks, line-by-line data, errors."""
 
 import dataclasses
+from types import SimpleNamespace
 
 import numpy as np
 import pandas as pd
@@ -75,14 +76,24 @@ def test_evaluation_masks_are_fixed_by_the_seed(assets, tmp_path):
         first["eval_loss"], abs=1e-4)
 
 
-def test_training_masks_change_from_batch_to_batch(assets):
+def test_training_masks_follow_seed_epoch_and_tokens_not_the_global_random_state(assets):
     tokenizer = AutoTokenizer.from_pretrained(assets.roberta_tokenizer)
-    collator = run_mlm.MaskingCollator(tokenizer=tokenizer, mlm_probability=0.15)
-    examples = [tokenizer("the quick brown fox jumps over the lazy dog " * 8, return_special_tokens_mask=True)]
-    torch.manual_seed(0)
-    first, second = collator(examples), collator(examples)
-    assert not torch.equal(first["labels"], second["labels"])
-    masked = first["labels"] != -100
+    sentence = "the quick brown fox jumps over the lazy dog " * 8
+    examples = [tokenizer(sentence, return_special_tokens_mask=True)]
+
+    def masks(seed=7, epoch=0, batch=examples):
+        collator = run_mlm.MaskingCollator(tokenizer=tokenizer, mlm_probability=0.15, seed=seed)
+        collator.on_epoch_begin(None, SimpleNamespace(epoch=epoch + 0.5), None)
+        return collator(batch)["labels"]
+
+    first = masks()
+    torch.manual_seed(123)  # what a resumed run restores only after the Trainer has collated its first batch
+    assert torch.equal(masks(), first)
+    assert not torch.equal(masks(epoch=1), first)  # dynamic masking: every epoch masks the text differently
+    assert not torch.equal(masks(seed=8), first)
+    other_text = [tokenizer(sentence.replace("fox", "cat"), return_special_tokens_mask=True)]
+    assert not torch.equal(masks(batch=other_text) != -100, first != -100)
+    masked = first != -100
     assert 0 < masked.float().mean() < 0.4
     assert not masked[0, 0] and not masked[0, -1]  # <s> and </s> are never masked
 

@@ -26,15 +26,18 @@ def test_the_same_command_twice_gives_the_same_metrics(script, assets, tmp_path)
         assert first[key] == second[key], key
 
 
-def test_a_run_killed_with_sigkill_resumes_to_the_uninterrupted_result(assets, tmp_path):
-    extra = ["--max_steps", "60", "--save_strategy", "steps", "--save_steps", "10", "--log_level", "info"]
-    uninterrupted = run_clm.main(arguments(run_clm, assets, tmp_path / "straight", *extra))
+@pytest.mark.parametrize("script", [run_clm, run_mlm], ids=["clm", "mlm"])
+def test_a_run_killed_with_sigkill_resumes_to_the_uninterrupted_result(script, assets, tmp_path):
+    # 16 steps per epoch: the kill comes after checkpoint-20, so the run resumes inside its second epoch.
+    extra = ["--max_train_samples", "64", "--max_steps", "40", "--save_strategy", "steps", "--save_steps", "10",
+             "--log_level", "info"]
+    uninterrupted = script.main(arguments(script, assets, tmp_path / "straight", *extra))
 
     output_dir = tmp_path / "killed"
-    command = [sys.executable, str(REPO / "run_clm.py"), *arguments(run_clm, assets, output_dir, *extra)]
+    command = [sys.executable, script.__file__, *arguments(script, assets, output_dir, *extra)]
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=os.environ.copy())
     deadline = time.monotonic() + 300
-    while not (output_dir / "checkpoint-10" / "trainer_state.json").exists() and time.monotonic() < deadline:
+    while not (output_dir / "checkpoint-20" / "trainer_state.json").exists() and time.monotonic() < deadline:
         time.sleep(0.02)
     process.send_signal(signal.SIGKILL)
     assert process.wait() == -signal.SIGKILL  # killed mid-run, not finished

@@ -48,8 +48,9 @@ def test_every_method_trains_and_reloads_or_is_refused_in_one_line(script, metho
 @pytest.mark.parametrize("script", [run_clm, run_mlm], ids=["gpt2", "roberta"])
 def test_load_adapter_continues_from_the_saved_weights(script, assets, tmp_path):
     name = "clm" if script is run_clm else "mlm"
-    first = script.main(arguments(script, assets, tmp_path / "first", "--do_train", "--do_eval", "--max_steps", "3",
-                                  "--train_adapter", "--adapter_config", "lora"))
+    # The tiny random model is nearly uniform: a large learning rate moves its loss measurably in a few steps.
+    first = script.main(arguments(script, assets, tmp_path / "first", "--do_train", "--do_eval", "--max_steps", "10",
+                                  "--learning_rate", "5e-2", "--train_adapter", "--adapter_config", "lora"))
     # With a zero learning rate the continued run keeps the loaded weights exactly; a fresh adapter would not.
     continued = script.main(arguments(script, assets, tmp_path / "continued", "--do_train", "--do_eval",
                                       "--max_steps", "1", "--learning_rate", "0", "--train_adapter",

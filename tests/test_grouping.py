@@ -1,16 +1,20 @@
 """The scripts' array-based group_texts cuts exactly the blocks of the straightforward list-chaining version.
 
-Both scripts concatenate a batch of tokenized texts and cut it into blocks of block_size tokens, dropping the
-remainder of each batch; run_clm.py also adds labels equal to the input ids. The reference below does the same
-with plain Python lists, as the Hugging Face examples do, and every case must give the same blocks in the same
-order: random text lengths and block sizes (hypothesis), remainders, empty texts, empty batches, and batches of
-the size `datasets` hands over.
+Both scripts concatenate a batch of tokenized texts (an Arrow table, as `datasets` hands it over in Arrow format)
+and cut it into blocks of block_size tokens, dropping the remainder of each batch, with an attention mask of ones;
+run_clm.py also adds labels equal to the input ids. The reference below does the same with plain Python lists, as
+the Hugging Face examples do with the tokenizer's attention masks, and every case must give the same blocks in the
+same order: random text lengths and block sizes (hypothesis), remainders, empty texts, empty batches, and batches
+of the size `datasets` hands over. And a file given as both training and validation data is grouped once.
 """
 
 from itertools import chain
+from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pytest
+from conftest import tiny_run_arguments
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
@@ -28,38 +32,43 @@ def chained_blocks(examples, block_size):
 
 
 def tokenized_batch(lengths, first_id=0):
-    """A batch as `datasets` hands it over: per column, one list per text, of the given lengths.
+    """A batch as the tokenizer makes it: per column, one list per text, of the given lengths.
 
-    The ids count up through the batch, so a token out of place or order shows; the other columns follow
-    different patterns, so a mixed-up column shows too.
+    The ids count up through the batch, so a token out of place or order shows; the special-tokens mask follows
+    another pattern, so a mixed-up column shows too. The attention mask is all ones, as for any unpadded text.
     """
     ids = np.arange(first_id, first_id + sum(lengths))
     starts = np.cumsum([0, *lengths])
-    columns = {"input_ids": ids, "attention_mask": ids % 3 != 0, "special_tokens_mask": ids % 5 == 0}
+    columns = {"input_ids": ids, "attention_mask": np.ones_like(ids), "special_tokens_mask": ids % 5 == 0}
     return {
         key: [values[a:b].astype(int).tolist() for a, b in zip(starts, starts[1:])] for key, values in columns.items()
     }
 
 
-def as_lists(groups):
-    # The scripts return arrays of shape (blocks, block_size), the reference lists of lists.
-    return {key: np.asarray(blocks).tolist() for key, blocks in groups.items()}
+def as_arrow(batch, columns):
+    """The batch without its attention mask, which the scripts do not tokenize, as an Arrow table."""
+    return pa.table({key: pa.array(batch[key], type=pa.list_(pa.int32())) for key in columns})
+
+
+def as_lists(table):
+    return {name: table.column(name).to_pylist() for name in table.column_names}
 
 
 def check_same_blocks(lengths, block_size, first_id=0):
     batch = tokenized_batch(lengths, first_id)
     mlm_expected = chained_blocks(batch, block_size)
-    assert as_lists(run_mlm.group_texts(batch, block_size)) == mlm_expected
-    clm_batch = {key: batch[key] for key in ("input_ids", "attention_mask")}
-    clm_expected = {**chained_blocks(clm_batch, block_size), "labels": mlm_expected["input_ids"]}
-    assert as_lists(run_clm.group_texts(clm_batch, block_size)) == clm_expected
+    assert as_lists(run_mlm.group_texts(as_arrow(batch, ["input_ids", "special_tokens_mask"]), block_size)) == (
+        mlm_expected)
+    clm_expected = {key: mlm_expected[key] for key in ("input_ids", "attention_mask")}
+    clm_expected["labels"] = mlm_expected["input_ids"]
+    assert as_lists(run_clm.group_texts(as_arrow(batch, ["input_ids"]), block_size)) == clm_expected
 
 
 @settings(max_examples=300, deadline=None)
 @given(
     lengths=st.lists(st.integers(0, 50), max_size=40),
     block_size=st.integers(1, 64),
-    first_id=st.integers(0, 2**31 - 10_000),
+    first_id=st.integers(0, 2**31 - 10_000),  # int32, as `datasets` stores token ids
 )
 @example(lengths=[], block_size=4, first_id=0)  # an empty batch
 @example(lengths=[0, 0], block_size=4, first_id=0)  # only empty texts
@@ -76,3 +85,23 @@ def test_group_texts_matches_list_chaining_on_full_size_batches(seed):
     rng = np.random.default_rng(seed)
     lengths = rng.integers(0, 300, size=1000).tolist()
     check_same_blocks(lengths, block_size=int(rng.choice([128, 256, 1024])))
+
+
+@pytest.mark.parametrize("script", [run_clm, run_mlm], ids=["clm", "mlm"])
+def test_a_validation_file_that_is_the_training_file_is_tokenized_and_grouped_once(script, assets, monkeypatch,
+                                                                                   tmp_path):
+    grouped_texts = []
+    group_texts = script.group_texts
+
+    def counting_group_texts(batch, block_size):
+        grouped_texts.append(batch.num_rows)
+        return group_texts(batch, block_size)
+
+    monkeypatch.setattr(script, "group_texts", counting_group_texts)
+    metrics = script.main(tiny_run_arguments(
+        script, assets, tmp_path, "--validation_file", assets.train, "--do_train", "--do_eval", "--max_steps", "1",
+        "--max_eval_samples", "1000000", "--overwrite_cache",
+    ))
+    lines = len(Path(assets.train).read_text(encoding="utf-8").splitlines())
+    assert sum(grouped_texts) == lines  # every line of the file once, not once per split
+    assert metrics["eval_samples"] == metrics["train_samples"]  # evaluated on all of it

@@ -606,16 +606,11 @@ def preprocess(raw_datasets, tokenizer, block_size, data_args, training_args):
     column_names = column_names_of(next(iter(raw_datasets.values())))
     text_column = "text" if "text" in column_names else column_names[0]
     check_text_column(raw_datasets, text_column)
-    tokenizer_logger = transformers.utils.logging.get_logger("transformers.tokenization_utils_base")
 
     def tokenize(examples):
-        # Texts longer than the model's limit are expected here: grouping cuts them into blocks afterwards.
-        previous_level = tokenizer_logger.level
-        tokenizer_logger.setLevel(logging.ERROR)
-        try:
-            return tokenizer(examples[text_column], return_attention_mask=False)  # group_texts makes them
-        finally:
-            tokenizer_logger.setLevel(previous_level)
+        # verbose=False: texts longer than the model's limit are expected, grouping cuts them into blocks afterwards.
+        # No attention mask: group_texts makes it.
+        return tokenizer(examples[text_column], return_attention_mask=False, verbose=False)
 
     map_kwargs = {}
     if not data_args.streaming:

@@ -635,7 +635,6 @@ def preprocess(raw_datasets, tokenizer, max_seq_length, data_args, training_args
     column_names = column_names_of(next(iter(raw_datasets.values())))
     text_column = "text" if "text" in column_names else column_names[0]
     check_text_column(raw_datasets, text_column)
-    tokenizer_logger = transformers.utils.logging.get_logger("transformers.tokenization_utils_base")
     if data_args.line_by_line:
         padding = "max_length" if data_args.pad_to_max_length else False
         tokenizer_kwargs = {"padding": padding, "truncation": True, "max_length": max_seq_length}
@@ -646,14 +645,9 @@ def preprocess(raw_datasets, tokenizer, max_seq_length, data_args, training_args
         texts = examples[text_column]
         if data_args.line_by_line:
             texts = [text for text in texts if text and not text.isspace()]
-        # Texts longer than the model's limit are expected here: grouping cuts them into blocks afterwards.
-        previous_level = tokenizer_logger.level
-        tokenizer_logger.setLevel(logging.ERROR)
-        try:
-            # The special-tokens mask keeps <s>, </s> and padding out of the masking.
-            return tokenizer(texts, return_special_tokens_mask=True, **tokenizer_kwargs)
-        finally:
-            tokenizer_logger.setLevel(previous_level)
+        # verbose=False: texts longer than the model's limit are expected, grouping cuts them into blocks afterwards.
+        # The special-tokens mask keeps <s>, </s> and padding out of the masking.
+        return tokenizer(texts, return_special_tokens_mask=True, verbose=False, **tokenizer_kwargs)
 
     map_kwargs = {}
     if not data_args.streaming:

@@ -2,7 +2,7 @@
 """Benchmark run_clm.py and run_mlm.py on this machine, offline, and report each figure as a ratio to a ceiling.
 
     python benchmarks/run_benchmark.py            # GPT-2 small / RoBERTa base width, 6 layers: ~10 min on 2 cores
-    python benchmarks/run_benchmark.py --quick    # 2 layers, 256 wide, fewer runs: ~2 min
+    python benchmarks/run_benchmark.py --quick    # 2 layers, 256 wide, one round, no compile: ~2 min
 
 Everything is built on the spot, in a temporary folder, from text that every Python install has (the standard
 library's source): a corpus, byte-level BPE tokenizers with GPT-2 and RoBERTa special tokens, and models with
@@ -27,6 +27,7 @@ import json
 import multiprocessing
 import os
 import platform
+import resource
 import shutil
 import statistics
 import subprocess
@@ -68,6 +69,13 @@ METHODS = ("full", "seq_bn", "lora", "prefix_tuning")
 BATCH_TEXTS = 1000  # texts per batch, as `datasets` maps by default
 GROUPING_REPEATS = 3  # grouping is quick to repeat, and noisy
 TRAINING_TIMEOUT_S = 900
+# Other work on the machine only ever slows a measurement down. Measurements during which other processes used more
+# than this many cores are left out of the medians, unless all of their kind were disturbed.
+QUIET_LOAD = 0.25
+# Work outside this machine (other virtual machines on the same host) does not show in its CPU counters, but it
+# slows the matmul measured before each training run: runs after a matmul below this share of the best one are
+# left out the same way.
+QUIET_MATMUL = 0.8
 
 
 @dataclass(frozen=True)
@@ -93,9 +101,10 @@ class Shape:
                 "vocab_size": self.vocab_size(kind)}
 
 
-BASE = Shape("6 layers x 768 (GPT-2 small / RoBERTa base)", layers=6, hidden=768, heads=12, block=256)
+# GPT-2 small and RoBERTa base with 6 of their 12 layers.
+BASE = Shape("6x768", layers=6, hidden=768, heads=12, block=256)
 # With the real vocabulary, the output layer alone would make the small shape's steps as slow as the large ones.
-SMALL = Shape("2 layers x 256", layers=2, hidden=256, heads=4, block=128, vocab=8192)
+SMALL = Shape("2x256", layers=2, hidden=256, heads=4, block=128, vocab=8192)
 
 
 @dataclass(frozen=True)
@@ -110,11 +119,11 @@ class Mode:
 
 
 MODES = {
-    "full": Mode(BASE, corpus_chars=8_000_000, preprocessing_repeats=2, rounds=3, steps=2, methods=METHODS,
+    "full": Mode(BASE, corpus_chars=5_000_000, preprocessing_repeats=2, rounds=3, steps=2, methods=METHODS,
                  variants=("bf16", "compile")),
-    # Each training run spends 5-15 s starting up, so --quick trains fewer; compiling alone would take a minute.
-    "quick": Mode(SMALL, corpus_chars=1_000_000, preprocessing_repeats=1, rounds=1, steps=2,
-                  methods=("full", "seq_bn"), variants=("bf16",)),
+    # Compiling alone would take most of a minute.
+    "quick": Mode(SMALL, corpus_chars=1_000_000, preprocessing_repeats=1, rounds=1, steps=2, methods=METHODS,
+                  variants=("bf16",)),
 }
 
 START = time.perf_counter()
@@ -156,7 +165,7 @@ def build_assets(work, mode):
     tokenizers, models = {}, {}
     for shape in {mode.shape, SMALL} if mode.variants else {mode.shape}:
         for kind in REAL_VOCAB:
-            folder = work / f"{kind}-{shape.layers}x{shape.hidden}"
+            folder = work / f"{kind}-{shape.name}"
             tokenizer = make_tiny_assets.build_tokenizer(
                 kind, [corpus], f"{folder}-tokenizer", vocab_size=shape.vocab_size(kind)
             )
@@ -184,6 +193,40 @@ def machine_description():
         "torch": torch.__version__,
         "python": platform.python_version(),
     }
+
+
+def busy_cpu_seconds():
+    """CPU time the whole machine has spent busy since boot (all processes and cores; stolen time included)."""
+    user, nice, system, idle, iowait, irq, softirq, steal = map(int, Path("/proc/stat").read_text().split()[1:9])
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+
+
+def own_cpu_seconds():
+    """CPU time of this process and of the child processes it has waited for."""
+    return sum(usage.ru_utime + usage.ru_stime
+               for usage in map(resource.getrusage, (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)))
+
+
+class Stopwatch:
+    """Wall time of a with-block, and how many cores' worth of CPU other processes took meanwhile.
+
+    Other work on the machine only ever slows a measurement down, so the second figure says how far to trust it.
+    """
+
+    def __enter__(self):
+        self._start = time.perf_counter(), busy_cpu_seconds(), own_cpu_seconds()
+        return self
+
+    def __exit__(self, *exc_info):
+        start, busy, own = self._start
+        self.seconds = time.perf_counter() - start
+        self.others = max(0.0, busy_cpu_seconds() - busy - (own_cpu_seconds() - own)) / self.seconds
+
+
+def quiet_median(stopwatches):
+    """Median seconds over the measurements that other processes left alone (all, if none was), and their load."""
+    used = [watch for watch in stopwatches if watch.others <= QUIET_LOAD] or stopwatches
+    return statistics.median(watch.seconds for watch in used), max(watch.others for watch in used)
 
 
 def matmul_gflops(size=2048, repeats=5):
@@ -226,7 +269,7 @@ def script_arguments(name, tokenizer_dir, block, corpus, work, *extra):
 
 
 def time_preprocess(name, tokenizer_dir, block, corpus, work, workers, same_file_validation=False):
-    """Seconds the script's own preprocess takes to tokenize and group the corpus (loading it is not timed)."""
+    """A Stopwatch of the script's own preprocess tokenizing and grouping the corpus (loading it is not timed)."""
     module = SCRIPTS[name]
     # Without the flag the script maps in-process, where the tokenizer runs on every core by itself.
     extra = ["--preprocessing_num_workers", str(workers)] if workers > 1 else []
@@ -235,9 +278,9 @@ def time_preprocess(name, tokenizer_dir, block, corpus, work, workers, same_file
     model_args, data_args, training_args, _ = script_arguments(name, tokenizer_dir, block, corpus, work, *extra)
     raw_datasets = module.load_raw_datasets(model_args, data_args, training_args)
     tokenizer = module.load_tokenizer(model_args)
-    start = time.perf_counter()
-    module.preprocess(raw_datasets, tokenizer, block, data_args, training_args)
-    return time.perf_counter() - start
+    with Stopwatch() as watch:
+        module.preprocess(raw_datasets, tokenizer, block, data_args, training_args)
+    return watch
 
 
 def corpus_texts(name, tokenizer_dir, block, corpus, work):
@@ -268,19 +311,19 @@ def fresh_tokenizer(name, tokenizer_dir, work):
 
 
 def time_bare_tokenizer(tokenizer, texts, workers):
-    """Seconds and tokens for the tokenizer alone on the texts, in batches as `datasets` makes: the ceiling."""
+    """A Stopwatch of the tokenizer alone on the texts, in batches as `datasets` makes (the ceiling), and tokens."""
     _FORKED.update(tokenizer=tokenizer, texts=texts)
     shards = np.array_split(np.arange(len(texts)), workers)
     bounds = [(int(shard[0]), int(shard[-1]) + 1) for shard in shards]
-    start = time.perf_counter()
-    if workers == 1:
-        tokens = _count_tokens(bounds[0])
-    else:
-        # As `datasets` does for its workers: forked processes tokenize on one thread each.
-        with mock.patch.dict(os.environ, TOKENIZERS_PARALLELISM="false"), \
-                multiprocessing.get_context("fork").Pool(workers) as pool:
-            tokens = sum(pool.map(_count_tokens, bounds))
-    return time.perf_counter() - start, tokens
+    with Stopwatch() as watch:
+        if workers == 1:
+            tokens = _count_tokens(bounds[0])
+        else:
+            # As `datasets` does for its workers: forked processes tokenize on one thread each.
+            with mock.patch.dict(os.environ, TOKENIZERS_PARALLELISM="false"), \
+                    multiprocessing.get_context("fork").Pool(workers) as pool:
+                tokens = sum(pool.map(_count_tokens, bounds))
+    return watch, tokens
 
 
 def chained_group_texts(examples, block_size, with_labels):
@@ -298,34 +341,42 @@ def chained_group_texts(examples, block_size, with_labels):
 
 
 def measure_grouping(name, tokenizer, texts, block, work):
-    """Tokens/s of the script's group_texts and of list chaining, alone and inside Dataset.map; checks equality."""
-    batches = [dict(tokenizer(texts[i:i + BATCH_TEXTS])) for i in range(0, len(texts), BATCH_TEXTS)]
-    tokens = sum(len(ids) for batch in batches for ids in batch["input_ids"])
-    functions = {
-        "script": SCRIPTS[name].group_texts,
-        "chaining": partial(chained_group_texts, with_labels=name == "run_clm"),
-    }
-    for batch in batches:
-        ours, theirs = (functions[key](batch, block) for key in ("script", "chaining"))
-        if {key: np.asarray(blocks).tolist() for key, blocks in ours.items()} != theirs:
+    """Tokens/s of the script's group_texts and of list chaining, alone and inside Dataset.map; checks equality.
+
+    Each gets the input its script makes: the examples' tokenizer output with attention masks, as Python lists;
+    the scripts' tokenizer output without them (group_texts makes them), as Arrow tables.
+    """
+    with_labels = name == "run_clm"
+    special_tokens = {"return_special_tokens_mask": True} if name == "run_mlm" else {}
+    lists = [dict(tokenizer(texts[i:i + BATCH_TEXTS], **special_tokens)) for i in range(0, len(texts), BATCH_TEXTS)]
+    tokens = sum(len(ids) for batch in lists for ids in batch["input_ids"])
+    columns = {key: [ids for batch in lists for ids in batch[key]] for key in lists[0]}
+    # Saved and reloaded, so that map reads from and writes to cache files as it does in the script.
+    Dataset.from_dict(columns).save_to_disk(work / f"tokenized-{name}")
+    chaining_dataset = load_from_disk(work / f"tokenized-{name}")
+    script_dataset = chaining_dataset.remove_columns("attention_mask").with_format("arrow")
+    tables = [script_dataset[i:i + BATCH_TEXTS] for i in range(0, len(script_dataset), BATCH_TEXTS)]
+    group_texts, chaining = SCRIPTS[name].group_texts, partial(chained_group_texts, with_labels=with_labels)
+    for table, batch in zip(tables, lists):
+        ours = group_texts(table, block)
+        if {key: ours.column(key).to_pylist() for key in ours.column_names} != chaining(batch, block):
             raise AssertionError(f"{name}.group_texts cut different blocks from the list-chaining version")
 
-    # Saved and reloaded, so that map writes its output to cache files as it does in the script.
-    columns = {key: [ids for batch in batches for ids in batch[key]] for key in batches[0]}
-    Dataset.from_dict(columns).save_to_disk(work / f"tokenized-{name}")
-    dataset = load_from_disk(work / f"tokenized-{name}")
-    seconds = {f"{key}{where}": [] for key in functions for where in ("", "_in_map")}
+    runs = {
+        "script": lambda: [group_texts(table, block) for table in tables],
+        "chaining": lambda: [chaining(batch, block) for batch in lists],
+        "script_in_map": lambda: script_dataset.map(
+            group_texts, batched=True, fn_kwargs={"block_size": block}, load_from_cache_file=False),
+        "chaining_in_map": lambda: chaining_dataset.map(
+            chaining, batched=True, fn_kwargs={"block_size": block}, load_from_cache_file=False),
+    }
+    seconds = {key: [] for key in runs}
     for repeat in range(GROUPING_REPEATS + 1):
-        for key, function in functions.items():
+        for key, run in runs.items():
             start = time.perf_counter()
-            for batch in batches:
-                function(batch, block)
-            alone = time.perf_counter() - start
-            start = time.perf_counter()
-            dataset.map(function, batched=True, fn_kwargs={"block_size": block}, load_from_cache_file=False)
+            run()
             if repeat > 0:  # the first round warms up: the first map of a process is slower
-                seconds[key].append(alone)
-                seconds[f"{key}_in_map"].append(time.perf_counter() - start)
+                seconds[key].append(time.perf_counter() - start)
     return {key: tokens / statistics.median(values) for key, values in seconds.items()}
 
 
@@ -343,13 +394,14 @@ def measure_preprocessing(mode, corpus, train_file, tokenizers, work):
             time_bare_tokenizer(fresh_tokenizer(name, tokenizer_dir, work), texts[:BATCH_TEXTS], workers)
             bare, script = [], []
             for _ in range(mode.preprocessing_repeats):  # interleaved, so that both see the same load
-                seconds, tokens = time_bare_tokenizer(fresh_tokenizer(name, tokenizer_dir, work), texts, workers)
-                bare.append(seconds)
+                watch, tokens = time_bare_tokenizer(fresh_tokenizer(name, tokenizer_dir, work), texts, workers)
+                bare.append(watch)
                 script.append(time_preprocess(name, tokenizer_dir, block, corpus, work, workers))
+            (bare_seconds, bare_others), (script_seconds, script_others) = quiet_median(bare), quiet_median(script)
             figures = results[name]["workers"][workers] = {
-                "bare_tokens_per_s": tokens / statistics.median(bare),
-                "script_tokens_per_s": tokens / statistics.median(script),
-                "script_seconds": statistics.median(script),
+                "bare_tokens_per_s": tokens / bare_seconds,
+                "script_tokens_per_s": tokens / script_seconds,
+                "others": max(bare_others, script_others),
             }
             results[name]["tokens"] = tokens
             progress(f"preprocessing {name}, {workers} worker(s): bare tokenizer "
@@ -359,8 +411,9 @@ def measure_preprocessing(mode, corpus, train_file, tokenizers, work):
         progress(f"grouping {name} (tokens/s): " + ", ".join(f"{key} {value:,.0f}" for key, value in grouping.items()))
     # A validation file that is the training file: does the script tokenize the same text twice?
     gpt2_tokenizer = tokenizers["gpt2", mode.shape]
+    alone = time_preprocess("run_clm", gpt2_tokenizer, block, corpus, work, 1)
     both = time_preprocess("run_clm", gpt2_tokenizer, block, corpus, work, 1, same_file_validation=True)
-    results["same_file_validation_time_ratio"] = both / results["run_clm"]["workers"][1]["script_seconds"]
+    results["same_file_validation"] = {"time_ratio": both.seconds / alone.seconds, "others": max(alone.others, both.others)}
     return results
 
 
@@ -414,13 +467,13 @@ def train_once(run, models, train_file, work, steps, index):
     }
     (run_dir / "spec.json").write_text(json.dumps(spec))
     log = work / f"run-{index}.log"
-    with open(log, "w") as output:
+    with open(log, "w") as output, Stopwatch() as watch:
         completed = subprocess.run(
             [sys.executable, str(REPO / "benchmarks" / "train_once.py"), str(run_dir / "spec.json")],
             stdout=output, stderr=subprocess.STDOUT, timeout=TRAINING_TIMEOUT_S,
         )
     if completed.returncode == 0:
-        result = json.loads((run_dir / "result.json").read_text())
+        result = {**json.loads((run_dir / "result.json").read_text()), "others": watch.others}
     else:
         last_lines = log.read_text().strip().splitlines()[-1:]
         result = {"error": last_lines[0] if last_lines else f"exit status {completed.returncode}"}
@@ -438,14 +491,16 @@ def measure_training(mode, models, train_file, work):
             result = {**train_once(run, models, train_file, work, mode.steps, len(runs)), "matmul_gflops_s": matmul}
             runs.append((run, result))
             outcome = result.get("error") or (
-                f"median step {statistics.median(result['step_s']):.2f}s, peak {result['peak_rss_mib']:.0f} MiB")
-            progress(f"  {run.script} {run.method} {run.shape.layers}x{run.shape.hidden} {run.variant}: {outcome}"
+                f"median step {statistics.median(result['step_s']):.2f}s, peak {result['peak_rss_mib']:.0f} MiB, "
+                f"other processes used {result['others']:.2f} cores")
+            progress(f"  {run.script} {run.method} {run.shape.name} {run.variant}: {outcome}"
                      f" (matmul {matmul:.0f} GFLOP/s)")
     return runs
 
 
 def summarise_training(runs):
-    """Per script, method, shape and variant: medians over all timed steps of all its runs."""
+    """Per script, method, shape and variant: medians over all timed steps of its quiet runs."""
+    best_matmul = max(result["matmul_gflops_s"] for _, result in runs)
     grouped = {}
     for run, result in runs:
         grouped.setdefault(run, []).append(result)
@@ -460,19 +515,24 @@ def summarise_training(runs):
         if not done:
             summary.append({**entry, "error": results[0]["error"]})
             continue
-        step_s = statistics.median(chain.from_iterable(result["step_s"] for result in done))
+        quiet = [result for result in done if result["others"] <= QUIET_LOAD
+                 and result["matmul_gflops_s"] >= QUIET_MATMUL * best_matmul]
+        used = quiet or done
+        step_s = statistics.median(chain.from_iterable(result["step_s"] for result in used))
         flops = eager_flops.get((run.script, run.method, run.shape))
-        matmul_gflops_s = statistics.median(result["matmul_gflops_s"] for result in done)
+        matmul_gflops_s = statistics.median(result["matmul_gflops_s"] for result in used)
         summary.append({
             **entry,
             "runs": len(done),
+            "quiet_runs": len(quiet),
+            "others": max(result["others"] for result in used),
             "tokens_per_s": run.shape.batch * run.shape.block / step_s,
-            "peak_rss_mib": statistics.median(result["peak_rss_mib"] for result in done),
+            "peak_rss_mib": statistics.median(result["peak_rss_mib"] for result in used),
             "gflop_per_step": flops / 1e9 if flops else None,
             "gflop_per_s": flops / step_s / 1e9 if flops else None,
             "of_matmul": flops / step_s / 1e9 / matmul_gflops_s if flops else None,
-            "data_wait_share": statistics.median(chain.from_iterable(r["data_wait_s"] for r in done)) / step_s,
-            "first_step_s": statistics.median(result["first_step_s"] for result in done),
+            "data_wait_share": statistics.median(chain.from_iterable(r["data_wait_s"] for r in used)) / step_s,
+            "first_step_s": statistics.median(result["first_step_s"] for result in used),
         })
     return summary
 
@@ -537,19 +597,24 @@ def markdown(results, mode):
         f"fp32 matmul (2048x2048, median over the runs): {results['matmul_gflops_s']:.0f} GFLOP/s; a linear layer under "
         f"--bf16 autocast runs {results['bf16_linear_speedup']:.2f}x as fast as in fp32.",
         "",
-        "| Preprocessing | workers | bare tokenizer tokens/s | script tokens/s | ratio |",
-        "|---|---|---|---|---|",
+        f"Preprocessing: medians of {mode.preprocessing_repeats} interleaved measurements each (others: the most "
+        "cores other processes used during the ones kept, as for training below).",
+        "",
+        "| Preprocessing | workers | bare tokenizer tokens/s | script tokens/s | ratio | others |",
+        "|---|---|---|---|---|---|",
     ]
     preprocessing = results["preprocessing"]
     for name in SCRIPTS:
         for workers, figures in preprocessing[name]["workers"].items():
             lines.append(f"| {name} ({preprocessing[name]['tokens']:,} tokens) | {workers} | "
                          f"{figures['bare_tokens_per_s']:,.0f} | {figures['script_tokens_per_s']:,.0f} | "
-                         f"{figures['script_tokens_per_s'] / figures['bare_tokens_per_s']:.2f}x |")
+                         f"{figures['script_tokens_per_s'] / figures['bare_tokens_per_s']:.2f}x | "
+                         f"{figures['others']:.2f} |")
+    same_file = preprocessing["same_file_validation"]
     lines += [
         "",
-        f"Validation file = training file: preprocessing takes {preprocessing['same_file_validation_time_ratio']:.2f}x "
-        "as long as for the training file alone.",
+        f"Validation file = training file (run_clm, 1 worker): preprocessing takes {same_file['time_ratio']:.2f}x as "
+        f"long as for the training file alone (others: {same_file['others']:.2f}).",
         "",
         "| Grouping (tokens/s) | list chaining | script's group_texts | ratio | chaining in map | script in map | ratio |",
         "|---|---|---|---|---|---|---|",
@@ -559,31 +624,40 @@ def markdown(results, mode):
         lines.append(f"| {name} | {g['chaining']:,.0f} | {g['script']:,.0f} | {g['script'] / g['chaining']:.2f}x | "
                      f"{g['chaining_in_map']:,.0f} | {g['script_in_map']:,.0f} | "
                      f"{g['script_in_map'] / g['chaining_in_map']:.2f}x |")
+    shapes = "; ".join(
+        f"{shape.name}: {shape.layers} layers {shape.hidden} wide, vocabulary "
+        f"{' / '.join(str(shape.vocab_size(kind)) for kind in REAL_VOCAB)}, block {shape.block}, batch {shape.batch}"
+        for shape in dict.fromkeys((mode.shape, SMALL) if mode.variants else (mode.shape,))
+    )
     lines += [
         "",
-        f"Training: batch {mode.shape.batch}, medians over {mode.steps} timed steps x {mode.rounds} interleaved "
-        "run(s), after a warm-up step. Ratios (x) against full fine-tuning of the same script and shape, or for "
-        "the bf16 and compile variants against the fp32 eager run. Data wait: the share of a step spent fetching "
-        "its batch. First step: warm-up, including compilation.",
+        f"Training ({shapes}): medians over {mode.steps} timed steps of each of up to {mode.rounds} interleaved "
+        f"runs, after a warm-up step; runs during which other processes used more than {QUIET_LOAD} cores, or after "
+        f"a matmul slower than {QUIET_MATMUL:.0%} of the best, are left out unless all were (quiet: runs used of runs "
+        "made; others: the most cores other processes used during them). "
+        "x: ratio to full fine-tuning of the same script and shape, or for bf16 and compile to the fp32 eager run. "
+        "Data wait: share of a step spent fetching its batch. First step: warm-up, including compilation.",
         "",
-        "| script | method | shape | variant | tokens/s | x | peak RSS MiB | x | GFLOP/step | GFLOP/s "
-        "| of matmul | data wait | first step s |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| script | method | shape | variant | tokens/s | x | peak RSS MiB | x | GFLOP/step | GFLOP/s | of matmul "
+        "| data wait | first step s | quiet | others |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     summary = results["training"]
     for entry in summary:
+        cells = [entry["script"], entry["method"], entry["shape"], entry["variant"]]
         if "error" in entry:
-            lines.append(f"| {entry['script']} | {entry['method']} | {entry['shape']} | {entry['variant']} | "
-                         f"failed: {entry['error']} | | | | | | | | |")
+            lines.append("| " + " | ".join(cells + [f"failed: {entry['error']}"] + [""] * 10) + " |")
             continue
         base = baseline(summary, entry)
-        speed = f"{entry['tokens_per_s'] / base['tokens_per_s']:.2f}" if base else ""
-        memory = f"{entry['peak_rss_mib'] / base['peak_rss_mib']:.2f}" if base else ""
-        flops = (f"{entry['gflop_per_step']:.0f} | {entry['gflop_per_s']:.0f} | {entry['of_matmul']:.0%}"
-                 if entry["gflop_per_step"] else " | | ")
-        lines.append(f"| {entry['script']} | {entry['method']} | {entry['shape']} | {entry['variant']} | "
-                     f"{entry['tokens_per_s']:,.0f} | {speed} | {entry['peak_rss_mib']:,.0f} | {memory} | {flops} | "
-                     f"{entry['data_wait_share']:.1%} | {entry['first_step_s']:.1f} |")
+        cells += [
+            f"{entry['tokens_per_s']:,.0f}", f"{entry['tokens_per_s'] / base['tokens_per_s']:.2f}" if base else "",
+            f"{entry['peak_rss_mib']:,.0f}", f"{entry['peak_rss_mib'] / base['peak_rss_mib']:.2f}" if base else "",
+        ]
+        cells += ([f"{entry['gflop_per_step']:.0f}", f"{entry['gflop_per_s']:.0f}", f"{entry['of_matmul']:.0%}"]
+                  if entry["gflop_per_step"] else ["", "", ""])
+        cells += [f"{entry['data_wait_share']:.1%}", f"{entry['first_step_s']:.1f}",
+                  f"{entry['quiet_runs']}/{entry['runs']}", f"{entry['others']:.2f}"]
+        lines.append("| " + " | ".join(cells) + " |")
     lines += ["", "| Target | wanted | measured | met |", "|---|---|---|---|"]
     for target, wanted, measured, met in results["targets"]:
         lines.append(f"| {target} | {wanted} | {measured} | {'yes' if met else 'no'} |")

@@ -180,7 +180,11 @@ class DataTrainingArguments:
         },
     )
     preprocessing_num_workers: Optional[int] = field(
-        default=None, metadata={"help": "Number of processes for tokenization and grouping."}
+        default=None,
+        metadata={
+            "help": "Number of processes that tokenize (default: this one, where a fast tokenizer uses every core). "
+            "Only worth it for large corpora: each process costs a second or more to start."
+        },
     )
     keep_linebreaks: bool = field(
         default=True, metadata={"help": "Keep the line breaks at the end of each line of .txt files."}
@@ -612,19 +616,19 @@ def preprocess(raw_datasets, tokenizer, block_size, data_args, training_args):
         # No attention mask: group_texts makes it.
         return tokenizer(examples[text_column], return_attention_mask=False, verbose=False)
 
-    map_kwargs = {}
+    map_kwargs, tokenize_kwargs = {}, {}
     if not data_args.streaming:
-        map_kwargs = {
-            "num_proc": data_args.preprocessing_num_workers,
-            "load_from_cache_file": not data_args.overwrite_cache,
-        }
+        map_kwargs = {"load_from_cache_file": not data_args.overwrite_cache}
+        # Grouping is too quick to pay for worker processes, and in one process its batches, so the blocks, do not
+        # depend on the number of workers.
+        tokenize_kwargs = {"num_proc": data_args.preprocessing_num_workers}
     # The same dataset as training and validation (see load_raw_datasets) is preprocessed once.
     shared_validation = "train" in raw_datasets and raw_datasets.get("validation") is raw_datasets["train"]
     if shared_validation:
         raw_datasets = type(raw_datasets)(train=raw_datasets["train"])
     with training_args.main_process_first(desc="tokenizing and grouping"):
         tokenized = raw_datasets.map(
-            tokenize, batched=True, remove_columns=column_names, **map_kwargs,
+            tokenize, batched=True, remove_columns=column_names, **map_kwargs, **tokenize_kwargs,
             **describe("Tokenizing", data_args),
         )
         lm_datasets = tokenized.with_format("arrow").map(

@@ -186,7 +186,11 @@ class DataTrainingArguments:
         },
     )
     preprocessing_num_workers: Optional[int] = field(
-        default=None, metadata={"help": "Number of processes for tokenization and grouping."}
+        default=None,
+        metadata={
+            "help": "Number of processes that tokenize (default: this one, where a fast tokenizer uses every core). "
+            "Only worth it for large corpora: each process costs a second or more to start."
+        },
     )
     mlm_probability: float = field(
         default=0.15, metadata={"help": "Fraction of tokens to mask for the masked language modeling loss."}
@@ -649,12 +653,12 @@ def preprocess(raw_datasets, tokenizer, max_seq_length, data_args, training_args
         # The special-tokens mask keeps <s>, </s> and padding out of the masking.
         return tokenizer(texts, return_special_tokens_mask=True, verbose=False, **tokenizer_kwargs)
 
-    map_kwargs = {}
+    map_kwargs, tokenize_kwargs = {}, {}
     if not data_args.streaming:
-        map_kwargs = {
-            "num_proc": data_args.preprocessing_num_workers,
-            "load_from_cache_file": not data_args.overwrite_cache,
-        }
+        map_kwargs = {"load_from_cache_file": not data_args.overwrite_cache}
+        # Grouping is too quick to pay for worker processes, and in one process its batches, so the blocks, do not
+        # depend on the number of workers.
+        tokenize_kwargs = {"num_proc": data_args.preprocessing_num_workers}
     # The same dataset as training and validation (see load_raw_datasets) is preprocessed once.
     shared_validation = "train" in raw_datasets and raw_datasets.get("validation") is raw_datasets["train"]
     if shared_validation:
@@ -662,7 +666,7 @@ def preprocess(raw_datasets, tokenizer, max_seq_length, data_args, training_args
     with training_args.main_process_first(desc="tokenizing and grouping"):
         # Every column is removed, so extra columns of csv/json files never reach the model.
         tokenized = raw_datasets.map(
-            tokenize, batched=True, remove_columns=column_names, **map_kwargs,
+            tokenize, batched=True, remove_columns=column_names, **map_kwargs, **tokenize_kwargs,
             **describe("Tokenizing", data_args),
         )
         lm_datasets = tokenized if data_args.line_by_line else tokenized.with_format("arrow").map(

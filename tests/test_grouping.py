@@ -105,3 +105,17 @@ def test_a_validation_file_that_is_the_training_file_is_tokenized_and_grouped_on
     lines = len(Path(assets.train).read_text(encoding="utf-8").splitlines())
     assert sum(grouped_texts) == lines  # every line of the file once, not once per split
     assert metrics["eval_samples"] == metrics["train_samples"]  # evaluated on all of it
+
+
+@pytest.mark.parametrize("script", [run_clm, run_mlm], ids=["clm", "mlm"])
+def test_the_blocks_do_not_depend_on_the_number_of_preprocessing_workers(script, assets, tmp_path):
+    def blocks(*extra):
+        argv = tiny_run_arguments(script, assets, tmp_path / "unused", "--do_train", "--overwrite_cache", *extra)
+        model_args, data_args, training_args, _ = script.parse_arguments(argv)
+        raw_datasets = script.load_raw_datasets(model_args, data_args, training_args)
+        tokenizer = script.load_tokenizer(model_args)
+        return script.preprocess(raw_datasets, tokenizer, 32, data_args, training_args)["train"].to_dict()
+
+    in_one_process = blocks()
+    assert len(in_one_process["input_ids"]) > 100
+    assert blocks("--preprocessing_num_workers", "2") == in_one_process

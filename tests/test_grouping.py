@@ -109,6 +109,7 @@ def test_a_validation_file_that_is_the_training_file_is_tokenized_and_grouped_on
 
 @pytest.mark.parametrize("script", [run_clm, run_mlm], ids=["clm", "mlm"])
 def test_the_blocks_do_not_depend_on_the_number_of_preprocessing_workers(script, assets, tmp_path):
+    # Tokenized in worker processes, grouped in this one: the same blocks as all in one process.
     def blocks(*extra):
         argv = tiny_run_arguments(script, assets, tmp_path / "unused", "--do_train", "--overwrite_cache", *extra)
         model_args, data_args, training_args, _ = script.parse_arguments(argv)

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Benchmark run_clm.py and run_mlm.py on this machine, offline, and report each figure as a ratio to a ceiling.
 
-    python benchmarks/run_benchmark.py            # GPT-2 small / RoBERTa base width, 6 layers: ~10 min on 2 cores
+    python benchmarks/run_benchmark.py            # GPT-2 small / RoBERTa base width, 6 layers: ~13 min on 2 cores
     python benchmarks/run_benchmark.py --quick    # 2 layers, 256 wide, one round, no compile: ~2 min
 
 Everything is built on the spot, in a temporary folder, from text that every Python install has (the standard
@@ -13,9 +13,9 @@ random weights. What is measured, all with the scripts' own functions:
   version of the Hugging Face examples, alone and inside `Dataset.map`; and how much longer preprocessing takes
   when the validation file is the training file;
 * training: tokens/s and peak memory of full fine-tuning and of --train_adapter with seq_bn, lora and
-  prefix_tuning, for both scripts, each run in a fresh process, interleaved and repeated (medians over all timed
-  steps); each run's model FLOPs (counted by PyTorch) per second against this machine's fp32 matmul throughput,
-  measured just before the run; and the share of each step spent waiting for data;
+  prefix_tuning, for both scripts, each run in a fresh process, interleaved and repeated (the fastest timed step
+  of each configuration); model FLOPs (counted by PyTorch) per second against the fastest fp32 matmul measured
+  (one before every run); and the share of each step spent waiting for data;
 * --bf16 and --torch_compile against fp32 eager, on the small shape (on CPUs without native bf16 a bf16 step of
   the large shape takes minutes, and compiling it alone takes about 3 minutes).
 

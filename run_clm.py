@@ -31,6 +31,7 @@ import torch
 import transformers
 from datasets import DatasetDict, IterableDatasetDict, load_dataset, load_from_disk
 from datasets.exceptions import DatasetGenerationError, DatasetNotFoundError
+from safetensors.torch import save_file
 from transformers import (
     CONFIG_MAPPING,
     AutoConfig,
@@ -44,7 +45,6 @@ from transformers import (
 )
 
 import adapters
-import adapters.loading
 from adapters import AdapterArguments, AdapterConfig, AdapterTrainer, ConfigUnion, PromptTuningConfig
 from adapters import setup_adapter_training
 from adapters.configuration.adapter_config import ReftConfig
@@ -203,14 +203,16 @@ class AdapterGroupArguments(AdapterArguments):
     )
 
 
+class ArgumentParser(HfArgumentParser):
+    """HfArgumentParser that reports a bad command line as a UsageError (one line) instead of argparse's usage block."""
+
+    def error(self, message):
+        raise UsageError(f"{message}; see --help for the flags and their values.")
+
+
 def parse_arguments(argv):
     """Read the four argument groups from the command line, or from a single .json file of arguments."""
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.accelerator.is_available():
-        # torchrun on CPUs: accelerate forms a (gloo) process group over CPUs only when told to; otherwise every
-        # process would train alone on all the data and write the same outputs.
-        os.environ.setdefault("ACCELERATE_USE_CPU", "true")
-    parser = HfArgumentParser((ModelArguments, DataTrainingArguments, TrainingArguments, AdapterGroupArguments))
-    parser.error = reject_command_line  # one line instead of argparse's usage block
+    parser = ArgumentParser((ModelArguments, DataTrainingArguments, TrainingArguments, AdapterGroupArguments))
     argv = sys.argv[1:] if argv is None else list(argv)
     try:
         if len(argv) == 1 and argv[0].endswith(".json"):
@@ -218,10 +220,6 @@ def parse_arguments(argv):
         return parser.parse_args_into_dataclasses(args=argv)
     except ValueError as error:  # unknown flags or JSON keys, or a combination that TrainingArguments rejects
         raise UsageError(f"{first_line(error)}; see --help for the flags and their values.") from None
-
-
-def reject_command_line(message):
-    raise UsageError(f"{message}; see --help for the flags and their values.")
 
 
 def read_json_arguments(json_path):
@@ -260,21 +258,13 @@ def setup_logging(training_args):
 
 def check_arguments(model_args, data_args, training_args, adapter_args):
     """Refuse mistakes before anything slow happens, each with one sentence naming the flag and the fix."""
-    if data_args.dataset_name is None and data_args.train_file is None and data_args.validation_file is None:
-        raise UsageError("No data given: pass --dataset_name, or --train_file and/or --validation_file.")
-    for flag, path in (("--train_file", data_args.train_file), ("--validation_file", data_args.validation_file)):
-        if path is None:
-            continue
-        extension = path.rsplit(".", 1)[-1].lower()
-        if extension not in FILE_BUILDERS:
-            raise UsageError(
-                f"{flag} {path} has an unsupported extension; use one of: {', '.join('.' + e for e in FILE_BUILDERS)}."
-            )
-        if not os.path.isfile(path):
-            raise UsageError(f"{flag} {path} does not exist; check the path.")
-        check_data_file(flag, path, extension)
-    if training_args.do_train and data_args.dataset_name is None and data_args.train_file is None:
-        raise UsageError("--do_train needs training data: pass --train_file or --dataset_name.")
+    check_model_arguments(model_args)
+    check_data_arguments(data_args, training_args)
+    check_training_arguments(training_args)
+    check_adapter_arguments(adapter_args)
+
+
+def check_model_arguments(model_args):
     if model_args.config_overrides and (model_args.model_name_or_path or model_args.config_name):
         raise UsageError(
             "--config_overrides only applies to a model built from scratch: drop it, or drop "
@@ -291,6 +281,16 @@ def check_arguments(model_args, data_args, training_args, adapter_args):
             "A model built from scratch still needs a tokenizer: pass --tokenizer_name with a hub name or a folder "
             "saved with save_pretrained."
         )
+
+
+def check_data_arguments(data_args, training_args):
+    if data_args.dataset_name is None and data_args.train_file is None and data_args.validation_file is None:
+        raise UsageError("No data given: pass --dataset_name, or --train_file and/or --validation_file.")
+    for flag, path in (("--train_file", data_args.train_file), ("--validation_file", data_args.validation_file)):
+        if path is not None:
+            check_data_file(flag, path)
+    if training_args.do_train and data_args.dataset_name is None and data_args.train_file is None:
+        raise UsageError("--do_train needs training data: pass --train_file or --dataset_name.")
     if data_args.block_size is not None and data_args.block_size < 1:
         raise UsageError(f"--block_size {data_args.block_size} must be a positive number of tokens.")
     if not 0 < data_args.validation_split_percentage < 100:
@@ -301,23 +301,33 @@ def check_arguments(model_args, data_args, training_args, adapter_args):
                         ("--max_eval_samples", data_args.max_eval_samples)):
         if value is not None and value < 1:
             raise UsageError(f"{flag} {value} must be a positive number of examples; leave it out to keep them all.")
+    if data_args.preprocessing_num_workers is not None and data_args.preprocessing_num_workers < 1:
+        raise UsageError(
+            f"--preprocessing_num_workers {data_args.preprocessing_num_workers} must be at least 1; leave it out "
+            "to tokenize in this process."
+        )
+    if data_args.streaming and training_args.do_train and training_args.max_steps <= 0:
+        raise UsageError("--streaming has no known length to plan epochs with: pass --max_steps as well.")
+
+
+def check_training_arguments(training_args):
     for flag, value in (
         ("--per_device_train_batch_size", training_args.per_device_train_batch_size),
         ("--per_device_eval_batch_size", training_args.per_device_eval_batch_size),
         ("--gradient_accumulation_steps", training_args.gradient_accumulation_steps),
-        ("--preprocessing_num_workers", data_args.preprocessing_num_workers or 1),
     ):
         if value < 1:
             raise UsageError(f"{flag} {value} must be at least 1.")
     if training_args.do_train and training_args.max_steps <= 0 and training_args.num_train_epochs <= 0:
         raise UsageError(f"--num_train_epochs {training_args.num_train_epochs} must be positive, or give --max_steps.")
-    if data_args.streaming and training_args.do_train and training_args.max_steps <= 0:
-        raise UsageError("--streaming has no known length to plan epochs with: pass --max_steps as well.")
     if training_args.resume_from_checkpoint and not is_complete_checkpoint(training_args.resume_from_checkpoint):
         raise UsageError(
             f"--resume_from_checkpoint {training_args.resume_from_checkpoint} is not a complete checkpoint; give a "
             "checkpoint folder with a trainer_state.json, such as <output_dir>/checkpoint-500."
         )
+
+
+def check_adapter_arguments(adapter_args):
     if not adapter_args.train_adapter and (adapter_args.load_adapter or adapter_args.load_lang_adapter):
         raise UsageError("--load_adapter and --load_lang_adapter need --train_adapter as well.")
     for flag, location in (("--load_adapter", adapter_args.load_adapter),
@@ -350,8 +360,15 @@ def shorten(text, limit=200):
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
-def check_data_file(flag, path, extension):
-    """Catch empty and non-UTF-8 files now, not as a traceback from deep inside `datasets`."""
+def check_data_file(flag, path):
+    """Catch missing, empty and non-UTF-8 files now, not as a traceback from deep inside `datasets`."""
+    extension = file_extension(path)
+    if extension not in FILE_BUILDERS:
+        raise UsageError(
+            f"{flag} {path} has an unsupported extension; use one of: {', '.join('.' + e for e in FILE_BUILDERS)}."
+        )
+    if not os.path.isfile(path):
+        raise UsageError(f"{flag} {path} does not exist; check the path.")
     if os.path.getsize(path) == 0:
         raise UsageError(f"{flag} {path} is empty; give a file with text in it.")
     if extension == "parquet":
@@ -365,6 +382,10 @@ def check_data_file(flag, path, extension):
             f"{flag} {path} is not UTF-8 text (byte {start[error.start]:#04x} at offset {error.start}); "
             "convert it, e.g. with `iconv -t utf-8`."
         ) from None
+
+
+def file_extension(path):
+    return path.rsplit(".", 1)[-1].lower()
 
 
 def is_complete_checkpoint(folder):
@@ -427,7 +448,7 @@ def load_raw_datasets(model_args, data_args, training_args):
         )
         if data_args.validation_file is not None and not same_file:
             data_files["validation"] = data_args.validation_file
-        extension = next(iter(data_files.values())).rsplit(".", 1)[-1].lower()
+        extension = file_extension(next(iter(data_files.values())))
         builder = FILE_BUILDERS[extension]
         builder_kwargs = {"keep_linebreaks": data_args.keep_linebreaks} if builder == "text" else {}
         try:
@@ -783,10 +804,7 @@ class AdapterOnlyTrainer(AdapterTrainer):
 
     def _save(self, output_dir=None, state_dict=None):
         output_dir = Path(output_dir or self.args.output_dir)
-        (output_dir / self.adapter_name).mkdir(parents=True, exist_ok=True)
-        with safetensors_without_aliases():
-            self.model.save_adapter(str(output_dir / self.adapter_name), self.adapter_name, with_head=False,
-                                    use_safetensors=self.args.save_safetensors)
+        save_adapter_files(self.model, output_dir / self.adapter_name, self.adapter_name, self.args.save_safetensors)
         if self.processing_class is not None:
             self.processing_class.save_pretrained(output_dir)
         torch.save(self.args, output_dir / "training_args.bin")
@@ -801,28 +819,26 @@ class AdapterOnlyTrainer(AdapterTrainer):
         self.model.load_adapter(str(folder), load_as=self.adapter_name, with_head=False, use_safetensors=True)
 
 
-@contextmanager
-def safetensors_without_aliases():
-    """Prefix tuning keeps one pool of weights that every layer also references, so the adapter's state dict
-    names each tensor several times, which safetensors refuses to write. Keep the shortest name of each tensor:
-    loading it restores the others, which are the same parameter."""
-    save_file = adapters.loading.save_file
-
-    def save_each_tensor_once(state_dict, filename, metadata=None):
-        unique, seen = {}, set()
-        for key in sorted(state_dict, key=lambda key: (len(key), key)):
-            tensor = state_dict[key]
-            identity = (tensor.data_ptr(), tuple(tensor.shape), tuple(tensor.stride()))
-            if identity not in seen:
-                seen.add(identity)
-                unique[key] = tensor.contiguous()
-        return save_file(unique, filename, metadata=metadata)
-
-    adapters.loading.save_file = save_each_tensor_once
-    try:
-        yield
-    finally:
-        adapters.loading.save_file = save_file
+def save_adapter_files(model, folder, adapter_name, use_safetensors):
+    """Write the adapter as adapters' save_adapter does (adapter_config.json and the weights, no head), but name
+    each tensor once: prefix tuning keeps one pool of weights that every layer also references, so the state dict
+    names a tensor several times, which safetensors refuses to write. The shortest name is kept; loading it
+    restores the others, which are the same parameter."""
+    folder.mkdir(parents=True, exist_ok=True)
+    if not use_safetensors:  # torch.save keeps shared tensors shared
+        model.save_adapter(str(folder), adapter_name, with_head=False, use_safetensors=False)
+        return
+    model.apply_to_adapter_layers(lambda _, layer: layer.pre_save_adapters())  # e.g. ReFT's contiguous weights
+    state_dict, config = AdapterLoader(model).save_to_state_dict(adapter_name)
+    unique, seen = {}, set()
+    for key in sorted(state_dict, key=lambda key: (len(key), key)):
+        tensor = state_dict[key]
+        identity = (tensor.data_ptr(), tuple(tensor.shape), tuple(tensor.stride()))
+        if identity not in seen:
+            seen.add(identity)
+            unique[key] = tensor.contiguous()
+    (folder / "adapter_config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
+    save_file(unique, folder / "adapter.safetensors")
 
 
 def build_trainer(model, tokenizer, data_collator, train_dataset, eval_dataset, training_args, adapter_args):
@@ -981,18 +997,28 @@ def main(argv=None):
 
 
 def _mp_fn(index):
-    # Entry point for TPU spawners such as xla_spawn.py.
-    main()
+    # Entry point for TPU spawners such as xla_spawn.py: the same one-line errors as the command line.
+    status = cli()
+    if status:
+        sys.exit(status)
 
 
 def cli(argv=None):
     """Run from the command line: a usage error ends in one line on stderr and exit status 2, not a traceback."""
+    use_cpu_process_group_under_launcher()
     try:
         main(argv)
     except UsageError as error:
         print(f"{Path(__file__).name}: error: {error}", file=sys.stderr)
         return 2
     return 0
+
+
+def use_cpu_process_group_under_launcher():
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.accelerator.is_available():
+        # torchrun on CPUs: accelerate forms a (gloo) process group over CPUs only when told to; otherwise every
+        # process would train alone on all the data and write the same outputs.
+        os.environ.setdefault("ACCELERATE_USE_CPU", "true")
 
 
 if __name__ == "__main__":

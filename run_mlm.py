@@ -13,17 +13,24 @@ Run `python run_mlm.py --help` for every flag. Perplexity and accuracy on the ma
 """
 
 import codecs
+import errno
 import hashlib
 import json
 import logging
 import math
 import os
 import re
+import shutil
 import sys
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
+
+try:
+    import fcntl
+except ImportError:  # Windows has no advisory file locks: runs into one folder are then not kept apart
+    fcntl = None
 
 import datasets
 import numpy as np
@@ -32,7 +39,8 @@ import pyarrow.compute as pc
 import torch
 import transformers
 from datasets import DatasetDict, IterableDatasetDict, load_dataset, load_from_disk
-from datasets.exceptions import DatasetGenerationError, DatasetNotFoundError
+from datasets.exceptions import DatasetGenerationError
+from safetensors import SafetensorError
 from safetensors.torch import save_file
 from transformers import (
     CONFIG_MAPPING,
@@ -46,10 +54,11 @@ from transformers import (
     TrainingArguments,
     set_seed,
 )
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 import adapters
 from adapters import AdapterArguments, AdapterConfig, AdapterTrainer, ConfigUnion, PromptTuningConfig
-from adapters import setup_adapter_training
+from adapters import Stack
 from adapters.configuration.adapter_config import ReftConfig
 from adapters.loading import AdapterLoader
 
@@ -60,6 +69,18 @@ FILE_BUILDERS = {"txt": "text", "csv": "csv", "json": "json", "jsonl": "json", "
 MAX_DEFAULT_SEQ_LENGTH = 1024
 # Models whose position ids start after the padding index, so that pad_token_id + 1 positions are never used.
 POSITIONS_AFTER_PADDING = {"roberta", "xlm-roberta", "camembert", "data2vec-text", "roberta-prelayernorm", "xmod"}
+# What a checkpoint of a fully fine-tuned model holds its weights in, whole or sharded.
+MODEL_WEIGHT_FILES = ["model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                      "pytorch_model.bin.index.json"]
+# What adapters and the models raise for a method or dtype they cannot compute with, in the trial training step.
+TRIAL_STEP_ERRORS = (RuntimeError, ValueError, TypeError, AttributeError, AssertionError, IndexError)
+FIX_MODEL_FOLDER = "give a complete folder written by save_pretrained, or a hub name while online"
+FIX_ADAPTER = "give an adapter saved for this model (by --train_adapter with the same --model_name_or_path)"
+FIX_DATA_FILE = "fix the file, or give it the extension of its format"
+# Kept in every checkpoint: the sum of the training losses up to it, for the train_loss of a resumed run.
+LOSS_SUM_FILE = "train_loss_sum.json"
+# Held by the run writing into --output_dir, and removed when it ends.
+LOCK_FILE = ".run.lock"
 
 
 class UsageError(Exception):
@@ -236,6 +257,11 @@ def parse_arguments(argv):
             return parser.parse_dict(read_json_arguments(Path(argv[0])))
         return parser.parse_args_into_dataclasses(args=argv)
     except ValueError as error:  # unknown flags or JSON keys, or a combination that TrainingArguments rejects
+        if "bf16" in str(error):  # TrainingArguments' own message for --bf16 without bf16 hardware names no fix
+            raise UsageError(
+                "--bf16 needs a GPU with bf16 support; on a CPU add --use_cpu (fast only on CPUs with native bf16, "
+                "avx512_bf16 or amx_bf16 in /proc/cpuinfo), or drop --bf16."
+            ) from None
         raise UsageError(f"{first_line(error)}; see --help for the flags and their values.") from None
 
 
@@ -308,8 +334,11 @@ def check_data_arguments(data_args, training_args):
             check_data_file(flag, path)
     if training_args.do_train and data_args.dataset_name is None and data_args.train_file is None:
         raise UsageError("--do_train needs training data: pass --train_file or --dataset_name.")
-    if data_args.max_seq_length is not None and data_args.max_seq_length < 1:
-        raise UsageError(f"--max_seq_length {data_args.max_seq_length} must be a positive number of tokens.")
+    if data_args.max_seq_length is not None and data_args.max_seq_length < 2:
+        raise UsageError(
+            f"--max_seq_length {data_args.max_seq_length} leaves no context to predict a masked token from: give "
+            "at least 2 tokens, or leave it out for the model's length."
+        )
     if not 0 < data_args.mlm_probability < 1:
         raise UsageError(
             f"--mlm_probability {data_args.mlm_probability} must be between 0 and 1 (exclusive), e.g. 0.15."
@@ -341,11 +370,35 @@ def check_training_arguments(training_args):
             raise UsageError(f"{flag} {value} must be at least 1.")
     if training_args.do_train and training_args.max_steps <= 0 and training_args.num_train_epochs <= 0:
         raise UsageError(f"--num_train_epochs {training_args.num_train_epochs} must be positive, or give --max_steps.")
+    for flag, value, example in (("--learning_rate", training_args.learning_rate, "5e-5, or 1e-4 for an adapter"),
+                                 ("--weight_decay", training_args.weight_decay, "0.01")):
+        if value < 0:
+            raise UsageError(f"{flag} {value} must not be negative; try e.g. {example}.")
+    if training_args.fp16 and training_args.device.type == "cpu":  # accelerate then quietly computes in fp32
+        raise UsageError(
+            "--fp16 needs a GPU: on a CPU mixed precision is bf16; drop --fp16, or use --bf16 --use_cpu on a CPU "
+            "with native bf16 (avx512_bf16 or amx_bf16 in /proc/cpuinfo)."
+        )
+    if training_args.do_train:
+        check_optimizer_settings(training_args)
     if training_args.resume_from_checkpoint and not is_complete_checkpoint(training_args.resume_from_checkpoint):
         raise UsageError(
             f"--resume_from_checkpoint {training_args.resume_from_checkpoint} is not a complete checkpoint; give a "
             "checkpoint folder with a trainer_state.json, such as <output_dir>/checkpoint-500."
         )
+
+
+def check_optimizer_settings(training_args):
+    """Build the chosen optimizer on one weight, so that a setting it rejects (betas, epsilon, a missing package)
+    is reported now rather than as a traceback once the model is loaded and the data preprocessed."""
+    try:
+        optimizer_class, optimizer_kwargs = Trainer.get_optimizer_cls_and_kwargs(training_args)
+        optimizer_class([torch.nn.Parameter(torch.zeros(1))], **optimizer_kwargs)
+    except (ValueError, ImportError) as error:
+        raise UsageError(
+            f"--optim {training_args.optim.value} rejects these settings ({first_line(error)}); check "
+            "--learning_rate, --adam_beta1, --adam_beta2, --adam_epsilon and --optim_args."
+        ) from None
 
 
 def check_adapter_arguments(adapter_args):
@@ -428,22 +481,127 @@ def last_complete_checkpoint(output_dir):
     return None
 
 
+@contextmanager
+def claimed_output_dir(training_args):
+    """Hold --output_dir for the run: create it, and lock it so that a second run into it is refused while this one
+    lives (a killed run's lock goes with its process). A full disk or a folder that cannot be written, met at any
+    point of the run, ends in one line naming the folder; the checkpoints already written stay usable."""
+    output_dir = Path(training_args.output_dir)
+    if not training_args.should_save:  # only the main process writes, so only it holds the folder
+        yield
+        return
+    created = not output_dir.exists()
+    lock = lock_output_dir(output_dir)
+    try:
+        yield
+    except (OSError, RuntimeError, SafetensorError) as error:
+        reason = write_failure(error, output_dir)
+        if reason is None:
+            raise
+        raise UsageError(
+            f"Could not write to --output_dir {output_dir} ({reason}); make room or fix the permissions, then run "
+            "the same command again: it resumes from the last complete checkpoint."
+        ) from None
+    finally:
+        Path(lock.name).unlink(missing_ok=True)
+        lock.close()
+        if created and not any(output_dir.iterdir()):
+            output_dir.rmdir()  # a run that failed before writing anything leaves no empty folder behind
+
+
+def lock_output_dir(output_dir):
+    try:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        lock = open(output_dir / LOCK_FILE, "a+")
+    except OSError as error:
+        raise UsageError(
+            f"--output_dir {output_dir} cannot be written ({error.strerror}); give a folder you can write to."
+        ) from None
+    if fcntl is None:
+        return lock
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        # A run that ended just now removed the file after this one opened it: the lock is then on a dead file.
+        if os.fstat(lock.fileno()).st_ino != os.stat(lock.name).st_ino:
+            raise BlockingIOError
+    except (BlockingIOError, FileNotFoundError):
+        lock.seek(0)
+        holder = lock.read().strip() or "unknown"
+        lock.close()
+        raise UsageError(
+            f"--output_dir {output_dir} is in use by another run (process {holder}); wait for it to end, or choose "
+            "another folder."
+        ) from None
+    lock.seek(0)
+    lock.truncate()
+    lock.write(str(os.getpid()))
+    lock.flush()
+    return lock
+
+
+def write_failure(error, folder):
+    """Why writing into folder failed, when the machine is the cause (full, read-only, not permitted); else None."""
+    if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES):
+        return error.strerror
+    # torch.save and safetensors report a full disk as RuntimeError / SafetensorError, without an errno.
+    if not isinstance(error, OSError) and shutil.disk_usage(folder).free < 1 << 20:
+        return os.strerror(errno.ENOSPC)
+    return None
+
+
 def detect_last_checkpoint(training_args):
-    """Find the checkpoint to resume from, and refuse to train into a folder that holds other work."""
-    output_dir = training_args.output_dir
-    if not (training_args.do_train and os.path.isdir(output_dir)) or training_args.overwrite_output_dir:
+    """Find the checkpoint to resume from, and refuse to write into a folder that holds other work."""
+    output_dir = Path(training_args.output_dir)
+    if not output_dir.is_dir() or training_args.overwrite_output_dir:
         return None
     last_checkpoint = last_complete_checkpoint(output_dir)
-    if last_checkpoint is None and os.listdir(output_dir):
+    if last_checkpoint is None and any(path.name != LOCK_FILE for path in output_dir.iterdir()):
         raise UsageError(
             f"--output_dir {output_dir} already exists, is not empty and holds no checkpoint to resume from; "
-            "choose another folder, or pass --overwrite_output_dir to train into it anyway."
+            "choose another folder, or pass --overwrite_output_dir to write into it anyway."
         )
+    if not training_args.do_train:
+        return None
     if last_checkpoint is not None and training_args.resume_from_checkpoint is None:
         logger.info(
             f"Resuming training from {last_checkpoint}; pass --overwrite_output_dir to start from scratch instead."
         )
     return last_checkpoint
+
+
+def check_resume_checkpoint(last_checkpoint, training_args, adapter_args):
+    """A checkpoint of another kind of run (full fine-tuning, another adapter or adapter settings) would fail deep
+    inside the optimizer once everything is loaded: refuse it now, naming how it differs."""
+    checkpoint = training_args.resume_from_checkpoint or last_checkpoint
+    if not (training_args.do_train and checkpoint):
+        return
+    folder = Path(checkpoint)
+    holds_model = any((folder / name).is_file() for name in MODEL_WEIGHT_FILES)
+    adapter_config_file = folder / adapter_args.adapter_name / "adapter_config.json"
+    if not adapter_args.train_adapter:
+        found = None if holds_model else "an adapter, not a fully fine-tuned model"
+    elif not adapter_config_file.is_file():
+        found = "a fully fine-tuned model" if holds_model else f"no adapter named '{adapter_args.adapter_name}'"
+    else:
+        saved = AdapterConfig.load(json.loads(adapter_config_file.read_text())["config"])
+        wanted = AdapterConfig.load(adapter_args.adapter_config)
+        # With --load_adapter the trained adapter's settings are the loaded one's, not --adapter_config.
+        same = adapter_args.load_adapter or saved.to_dict() == wanted.to_dict()
+        found = None if same else "an adapter of another configuration"
+    if found is None:
+        return
+    trains = f"the adapter '{adapter_args.adapter_name}' ({adapter_args.adapter_config})" if (
+        adapter_args.train_adapter) else "the whole model"
+    if training_args.resume_from_checkpoint:
+        raise UsageError(
+            f"--resume_from_checkpoint {checkpoint} holds {found}, but this run trains {trains}; give a checkpoint "
+            "of the same kind of run, or start afresh without --resume_from_checkpoint."
+        )
+    raise UsageError(
+        f"--output_dir {training_args.output_dir} holds {folder.name} with {found}, but this run trains {trains}; "
+        "rerun the command that wrote it to resume, or choose another folder (or pass --overwrite_output_dir) to "
+        "start afresh."
+    )
 
 
 def load_raw_datasets(model_args, data_args, training_args):
@@ -460,27 +618,7 @@ def load_raw_datasets(model_args, data_args, training_args):
             with reported_as_usage_error("--dataset_name", data_args.dataset_name):
                 raw_datasets = load_dataset(data_args.dataset_name, data_args.dataset_config_name, **hub_kwargs)
     else:
-        data_files = {}
-        if data_args.train_file is not None:
-            data_files["train"] = data_args.train_file
-        # A validation file that is the training file is read once, and is then one dataset under two names.
-        same_file = data_args.train_file is not None and data_args.validation_file is not None and os.path.samefile(
-            data_args.train_file, data_args.validation_file
-        )
-        if data_args.validation_file is not None and not same_file:
-            data_files["validation"] = data_args.validation_file
-        extension = file_extension(next(iter(data_files.values())))
-        builder = FILE_BUILDERS[extension]
-        try:
-            raw_datasets = load_dataset(builder, data_files=data_files, **hub_kwargs)
-        except DatasetGenerationError as error:
-            reason = first_line(error.__cause__ or error)
-            raise UsageError(
-                f"Could not read {' and '.join(data_files.values())} as {extension}: {reason}; "
-                "fix the file or give it the extension of its format."
-            ) from None
-        if same_file:
-            raw_datasets["validation"] = raw_datasets["train"]
+        raw_datasets = load_data_files(data_args, hub_kwargs)
     if "validation" not in raw_datasets and "train" in raw_datasets:
         raw_datasets = carve_validation_split(raw_datasets["train"], data_args.validation_split_percentage)
     wanted = {"train": training_args.do_train, "validation": training_args.do_eval}
@@ -488,18 +626,96 @@ def load_raw_datasets(model_args, data_args, training_args):
     for split in needed:
         if split not in raw_datasets:
             raise UsageError(f"The data has no {split} split; pass --{split}_file or a dataset that has one.")
-    return type(raw_datasets)({split: raw_datasets[split] for split in needed})
+    return select_texts(type(raw_datasets)({split: raw_datasets[split] for split in needed}), data_args)
+
+
+def load_data_files(data_args, hub_kwargs):
+    """Read --train_file and --validation_file, each as the format its own extension names."""
+    splits = {}
+    for split, flag, path in (("train", "--train_file", data_args.train_file),
+                              ("validation", "--validation_file", data_args.validation_file)):
+        if path is None:
+            continue
+        if split == "validation" and "train" in splits and os.path.samefile(path, data_args.train_file):
+            splits[split] = splits["train"]  # read once, and then preprocessed once: one dataset under two names
+            continue
+        with reported_as_usage_error(flag, path, fix=FIX_DATA_FILE):
+            splits[split] = load_dataset(FILE_BUILDERS[file_extension(path)], data_files={split: path}, split=split,
+                                         **hub_kwargs)
+    return (IterableDatasetDict if data_args.streaming else DatasetDict)(splits)
 
 
 @contextmanager
-def reported_as_usage_error(flag, name):
+def reported_as_usage_error(flag, name, fix="give a local folder, or a hub name while online"):
     """Turn a failed load of a hub name or local path into one line naming the flag."""
     try:
         yield
-    except (OSError, ConnectionError, DatasetNotFoundError) as error:
+    except (OSError, ValueError, TypeError, ConnectionError, DatasetGenerationError, SafetensorError) as error:
+        # datasets wraps the reader's own error, which says what is wrong with the file.
+        reason = first_line(error.__cause__ if isinstance(error, DatasetGenerationError) and error.__cause__ else error)
+        raise UsageError(f"{flag} {name} could not be loaded ({shorten(reason)}); {fix}.") from None
+
+
+def data_source(data_args, split):
+    """The flag and value that the given split's data comes from."""
+    if data_args.dataset_name is not None:
+        return "--dataset_name", data_args.dataset_name
+    if split == "validation" and data_args.validation_file is not None:
+        return "--validation_file", data_args.validation_file
+    return "--train_file", data_args.train_file
+
+
+def select_texts(raw_datasets, data_args):
+    """Give every split one column, `text`, taken from its `text` column or else its first one, without empty
+    texts (None or "", and with --line_by_line lines of only whitespace too). Data with no text is refused."""
+    selected = {}  # by dataset: a file serving as both splits is read and preprocessed once
+    for split, dataset in raw_datasets.items():
+        if id(dataset) not in selected:
+            selected[id(dataset)] = texts_of(dataset, split, data_args)
+    return type(raw_datasets)({split: selected[id(dataset)] for split, dataset in raw_datasets.items()})
+
+
+def texts_of(dataset, split, data_args):
+    flag, name = data_source(data_args, split)
+    text_column = text_column_of(dataset, split, flag, name)
+    dataset = dataset.select_columns([text_column])
+    if text_column != "text":
+        dataset = dataset.rename_column(text_column, "text")
+    # Whitespace is text where texts are concatenated (line breaks), but no example on its own line.
+    skip_blank = getattr(data_args, "line_by_line", False)
+    if isinstance(dataset, datasets.IterableDataset):
+        return dataset.filter(lambda example: bool(example["text"]) and not (skip_blank and example["text"].isspace()))
+    texts = dataset.with_format("arrow")["text"]
+    if not pa.types.is_string(texts.type) and not pa.types.is_large_string(texts.type):
+        texts = texts.cast(pa.string())  # a csv column of empty cells alone is read as numbers, all null
+    empty = pc.fill_null(pc.equal(pc.utf8_length(texts), 0), True)
+    blank = pc.or_(empty, pc.fill_null(pc.utf8_is_space(texts), True))
+    if pc.all(blank).as_py():
         raise UsageError(
-            f"{flag} {name} could not be loaded ({first_line(error)}); give a local folder, or a hub name while online."
-        ) from None
+            f"The {split} data ({flag} {name}) has no text: all its {len(dataset):,} texts in column "
+            f"'{text_column}' are empty or whitespace; check the file and its text column."
+        )
+    kept = np.flatnonzero(pc.invert(blank if skip_blank else empty).to_numpy(zero_copy_only=False))
+    if len(kept) < len(dataset):
+        logger.info(f"Skipping {len(dataset) - len(kept):,} empty texts of the {split} data.")
+        dataset = dataset.select(kept)
+    return dataset
+
+
+def text_column_of(dataset, split, flag, name):
+    """The `text` column, else the first one; it must hold text (a stream's columns are known once it is read)."""
+    with reported_as_usage_error(flag, name, fix=FIX_DATA_FILE):  # the first read of a stream
+        columns = dataset.column_names or list(next(iter(dataset)).keys())
+    text_column = "text" if "text" in columns else columns[0]
+    feature = (dataset.features or {}).get(text_column)  # streamed json/csv: unknown until read
+    all_missing = not isinstance(dataset, datasets.IterableDataset) and (
+        dataset.with_format("arrow")[text_column].null_count == len(dataset))  # refused for that, in texts_of
+    if feature is not None and getattr(feature, "dtype", None) not in ("string", "large_string") and not all_missing:
+        raise UsageError(
+            f"The {split} data's text column '{text_column}' holds {feature}, not text; name the text column "
+            "'text' or put it first."
+        )
+    return text_column
 
 
 def is_saved_dataset(path):
@@ -534,7 +750,7 @@ def load_config(model_args):
     if model_args.config_name or model_args.model_name_or_path:
         flag, name = ("--config_name", model_args.config_name) if model_args.config_name else (
             "--model_name_or_path", model_args.model_name_or_path)
-        with reported_as_usage_error(flag, name):
+        with reported_as_usage_error(flag, name, fix=FIX_MODEL_FOLDER):
             return AutoConfig.from_pretrained(name, **hub_kwargs)
     config = CONFIG_MAPPING[model_args.model_type]()
     logger.warning(f"Building a new {model_args.model_type} model from scratch.")
@@ -604,18 +820,57 @@ def setup_adapter(model, adapter_args):
         del model.config.adapters
     adapters.init(model)
     check_language_adapter_name(adapter_args)
-    # use_safetensors reads adapter.safetensors where present and falls back to pytorch_adapter.bin.
-    load_kwargs = {"with_head": False, "use_safetensors": True}
-    with reported_as_usage_error("--load_adapter", adapter_args.load_adapter or adapter_args.load_lang_adapter):
+    language_adapter = None
+    if adapter_args.load_lang_adapter:
+        language_adapter = load_saved_adapter(model, "--load_lang_adapter", adapter_args.load_lang_adapter,
+                                              config=adapter_args.lang_adapter_config)
+    if adapter_args.load_adapter:
+        load_saved_adapter(model, "--load_adapter", adapter_args.load_adapter, load_as=adapter_args.adapter_name,
+                           config=adapter_args.adapter_config)
+    else:
         try:
-            setup_adapter_training(model, adapter_args, adapter_args.adapter_name, adapter_load_kwargs=load_kwargs)
-        except (ValueError, TypeError, AssertionError, RuntimeError) as error:  # adapters' own checks in add_adapter
+            model.add_adapter(adapter_args.adapter_name, config=adapter_args.adapter_config)
+        except (ValueError, TypeError, AssertionError, RuntimeError) as error:  # adapters' own checks
             raise UsageError(cannot_train_message(adapter_args, model, error)) from None
+    model.train_adapter(adapter_args.adapter_name)
+    model.set_active_adapters(
+        Stack(language_adapter, adapter_args.adapter_name) if language_adapter else adapter_args.adapter_name
+    )
     # adapters' train_adapter leaves some head weights trainable (RoBERTa's lm_head.dense); they would change
     # without being saved with the adapter, so the saved adapter would not reproduce the trained model.
     belongs_to_adapter = AdapterLoader(model).filter_func(adapter_args.adapter_name)
     for name, parameter in model.named_parameters():
         parameter.requires_grad = parameter.requires_grad and belongs_to_adapter(name)
+
+
+def load_saved_adapter(model, flag, location, **load_kwargs):
+    """Load a saved adapter and insist that every one of its weights found its place in this model: adapters
+    itself only warns, and keeps freshly initialised weights where a saved one did not fit."""
+    loading_info = {}
+    with reported_as_usage_error(flag, location, fix=FIX_ADAPTER):
+        try:
+            # use_safetensors reads adapter.safetensors where present and falls back to pytorch_adapter.bin.
+            name = model.load_adapter(location, with_head=False, use_safetensors=True, loading_info=loading_info,
+                                      **load_kwargs)
+        except RuntimeError as error:  # torch's load_state_dict: weights of other shapes, e.g. another width
+            mismatch = next((line.strip() for line in str(error).splitlines() if "size mismatch" in line), None)
+            raise UsageError(
+                f"{flag} {location} does not fit this {model.config.model_type} model "
+                f"({shorten(mismatch or first_line(error))}); {FIX_ADAPTER}."
+            ) from None
+    # adapters names the missing weights from the model or from its base model, depending on the method.
+    state = {**model.base_model.state_dict(), **model.state_dict()}
+    missing = set(loading_info.get("missing_keys", []))
+    # Weights shared under several names (prefix tuning's pool) are saved once: their other names load with it.
+    loaded = {tensor.data_ptr() for key, tensor in state.items() if key not in missing}
+    misfits = loading_info.get("unexpected_keys", []) + [
+        key for key in missing if key not in state or state[key].data_ptr() not in loaded]
+    if misfits:
+        raise UsageError(
+            f"{flag} {location} does not fit this {model.config.model_type} model: {len(misfits)} weights have no "
+            f"place in it, e.g. {misfits[0]}; {FIX_ADAPTER}."
+        )
+    return name
 
 
 def check_language_adapter_name(adapter_args):
@@ -630,8 +885,10 @@ def check_language_adapter_name(adapter_args):
 
 def cannot_train_message(adapter_args, model, reason):
     reason = re.sub(r"'\w+Config\(.*\)'", "this configuration", first_line(reason))  # drop the long repr
+    method = (f"--load_adapter {adapter_args.load_adapter}" if adapter_args.load_adapter
+              else f"--adapter_config {adapter_args.adapter_config}")
     return (
-        f"--adapter_config {adapter_args.adapter_config} cannot be trained on a {model.config.model_type} model "
+        f"{method} cannot be trained on a {model.config.model_type} model "
         f"({shorten(reason)}); choose another method such as seq_bn or lora, or change its settings "
         "with name[key=value,...]."
     )
@@ -645,6 +902,13 @@ def choose_max_seq_length(data_args, tokenizer, config):
             positions -= config.pad_token_id + 1
         limits.append(positions)
     limit = min(limits)
+    # A line's own special tokens (<s> and </s>) take part of its length and are never masked.
+    shortest = tokenizer.num_special_tokens_to_add() + 1 if data_args.line_by_line else 2
+    if data_args.max_seq_length is not None and data_args.max_seq_length < shortest:
+        raise UsageError(
+            f"--max_seq_length {data_args.max_seq_length} leaves no token to mask in a line after its "
+            f"{shortest - 1} special tokens; give at least {shortest}."
+        )
     if data_args.max_seq_length is None:
         return min(MAX_DEFAULT_SEQ_LENGTH, limit)
     if data_args.max_seq_length > limit:
@@ -657,9 +921,6 @@ def choose_max_seq_length(data_args, tokenizer, config):
 
 def preprocess(raw_datasets, tokenizer, max_seq_length, data_args, training_args):
     """Tokenize the texts into examples of max_seq_length tokens: one per line, or concatenated and cut."""
-    column_names = column_names_of(next(iter(raw_datasets.values())))
-    text_column = "text" if "text" in column_names else column_names[0]
-    check_text_column(raw_datasets, text_column)
     if data_args.line_by_line:
         padding = "max_length" if data_args.pad_to_max_length else False
         tokenizer_kwargs = {"padding": padding, "truncation": True, "max_length": max_seq_length}
@@ -667,12 +928,9 @@ def preprocess(raw_datasets, tokenizer, max_seq_length, data_args, training_args
         tokenizer_kwargs = {"return_attention_mask": False}  # group_texts makes them
 
     def tokenize(examples):
-        texts = examples[text_column]
-        if data_args.line_by_line:
-            texts = [text for text in texts if text and not text.isspace()]
         # verbose=False: texts longer than the model's limit are expected, grouping cuts them into blocks afterwards.
         # The special-tokens mask keeps <s>, </s> and padding out of the masking.
-        return tokenizer(texts, return_special_tokens_mask=True, verbose=False, **tokenizer_kwargs)
+        return tokenizer(examples["text"], return_special_tokens_mask=True, verbose=False, **tokenizer_kwargs)
 
     map_kwargs, tokenize_kwargs = {}, {}
     if not data_args.streaming:
@@ -685,9 +943,8 @@ def preprocess(raw_datasets, tokenizer, max_seq_length, data_args, training_args
     if shared_validation:
         raw_datasets = type(raw_datasets)(train=raw_datasets["train"])
     with training_args.main_process_first(desc="tokenizing and grouping"):
-        # Every column is removed, so extra columns of csv/json files never reach the model.
         tokenized = raw_datasets.map(
-            tokenize, batched=True, remove_columns=column_names, **map_kwargs, **tokenize_kwargs,
+            tokenize, batched=True, remove_columns=["text"], **map_kwargs, **tokenize_kwargs,
             **describe("Tokenizing", data_args),
         )
         lm_datasets = tokenized if data_args.line_by_line else tokenized.with_format("arrow").map(
@@ -715,22 +972,6 @@ def group_texts(batch, block_size):
     return pa.table({
         name: pa.FixedSizeListArray.from_arrays(tokens[:usable], block_size) for name, tokens in columns.items()
     })
-
-
-def check_text_column(raw_datasets, text_column):
-    for split, dataset in raw_datasets.items():
-        feature = (dataset.features or {}).get(text_column)  # streamed json/csv: unknown until read
-        if feature is not None and getattr(feature, "dtype", None) not in ("string", "large_string"):
-            raise UsageError(
-                f"The {split} data's text column '{text_column}' holds {feature}, not text; name the text column "
-                "'text' or put it first."
-            )
-
-
-def column_names_of(dataset):
-    if dataset.column_names is not None:
-        return dataset.column_names
-    return list(next(iter(dataset)).keys())  # streamed json/csv: the columns are known once an example is read
 
 
 def describe(description, data_args):
@@ -828,10 +1069,17 @@ def mask_eval_dataset(eval_dataset, tokenizer, data_args, seed):
         )
         return {"input_ids": input_ids[0].tolist(), "labels": labels[0].tolist()}
 
-    return eval_dataset.map(
+    masked = eval_dataset.map(
         mask, with_indices=True, remove_columns=["special_tokens_mask"],
         **describe("Masking validation data", data_args),
     )
+    if not isinstance(masked, datasets.IterableDataset) and not pc.any(
+            pc.not_equal(pc.list_flatten(masked.with_format("arrow")["labels"]), -100)).as_py():
+        raise UsageError(
+            f"The validation data has no token to evaluate: none of its {len(masked):,} examples got a masked token "
+            "(they hold only special tokens, or are very short); give more text or a larger --mlm_probability."
+        )
+    return masked
 
 
 class PromptLabelCollator:
@@ -872,17 +1120,30 @@ def build_data_collator(tokenizer, model, data_args, training_args):
     return with_prompt_labels(masking_collator, model)
 
 
-def check_adapter_trains(model, tokenizer, data_collator, adapter_args):
-    """One forward and backward pass on a sentence: a method this model cannot train is refused now, in seconds."""
+def check_adapter_trains(model, tokenizer, data_collator, model_args, training_args, adapter_args):
+    """One forward and backward pass on a sentence: a method this model cannot train is refused now, in seconds,
+    and so is a model that cannot compute at all in the chosen dtype, naming the flags that set it."""
     if not adapter_args.train_adapter:
         return
+    if model.dtype != torch.float32 and not (training_args.bf16 or training_args.fp16):
+        raise UsageError(
+            f"--torch_dtype {model_args.torch_dtype} loads the base model in {model.dtype} while the adapter trains "
+            "in float32: add --bf16 (or --fp16 on a GPU) to compute in mixed precision, or drop --torch_dtype."
+        )
     example = tokenizer("Adapters are checked on one short sentence before any training starts.")
     example["labels"] = list(example["input_ids"])
     random_state = torch.get_rng_state()
+    batch = data_collator([example])
     model.eval()  # no dropout: the check draws no random numbers that training would have drawn
     try:
-        model(**data_collator([example])).loss.backward()
-    except (RuntimeError, ValueError, TypeError, AttributeError, AssertionError, IndexError) as error:
+        with half_precision_autocast(model):
+            model(**batch).loss.backward()
+    except TRIAL_STEP_ERRORS as error:
+        if not runs_without_adapter(model, batch):
+            raise UsageError(
+                f"The {model.config.model_type} model cannot compute in {model.dtype} here ({shorten(first_line(error))}); "
+                "check --torch_dtype, --bf16/--fp16 and --use_cpu."
+            ) from None
         raise UsageError(cannot_train_message(adapter_args, model, error)) from None
     finally:
         torch.set_rng_state(random_state)
@@ -895,7 +1156,68 @@ def check_adapter_trains(model, tokenizer, data_collator, adapter_args):
             "sits under a language adapter that only the first adapter of a stack can use"))
 
 
-class AdapterOnlyTrainer(AdapterTrainer):
+def half_precision_autocast(model):
+    # A base model loaded in half precision trains under autocast (--bf16/--fp16); the check runs on the CPU,
+    # before the Trainer moves the model, so it computes there in the base model's dtype.
+    return torch.autocast("cpu", dtype=model.dtype, enabled=model.dtype in (torch.bfloat16, torch.float16))
+
+
+def runs_without_adapter(model, batch):
+    """Whether the base model alone computes the batch: if not, the adapter is not what fails."""
+    active = model.active_adapters
+    model.set_active_adapters(None)
+    try:
+        with torch.no_grad(), half_precision_autocast(model):
+            model(input_ids=batch["input_ids"])
+    except TRIAL_STEP_ERRORS:
+        return False
+    finally:
+        model.set_active_adapters(active)
+    return True
+
+
+class LanguageModelingTrainer(Trainer):
+    """The Trainer, except that a resumed run reports the train_loss of the uninterrupted run: the Trainer divides
+    the losses of this session alone by all steps, so every checkpoint here keeps the sum of the losses before it."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.add_callback(LogAtEverySave)
+        self.loss_sum_before_resume = 0.0
+
+    def train(self, resume_from_checkpoint=None, **kwargs):
+        loss_file = Path(resume_from_checkpoint or "") / LOSS_SUM_FILE
+        self.loss_sum_before_resume = json.loads(loss_file.read_text())["loss_sum"] if (
+            resume_from_checkpoint and loss_file.is_file()) else 0.0
+        output = super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
+        train_loss = self.loss_sum() / max(self.state.global_step, 1)
+        output.metrics["train_loss"] = train_loss
+        self.state.log_history[-1]["train_loss"] = train_loss  # the summary that train() logged last
+        return output._replace(training_loss=train_loss)
+
+    def loss_sum(self):
+        return self.loss_sum_before_resume + self._total_loss_scalar
+
+    def _save_checkpoint(self, model, trial):
+        # Written before trainer_state.json, which marks a checkpoint complete (see is_complete_checkpoint).
+        if self.args.should_save:
+            folder = Path(self._get_output_dir(trial)) / f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+            folder.mkdir(parents=True, exist_ok=True)
+            (folder / LOSS_SUM_FILE).write_text(json.dumps({"loss_sum": self.loss_sum()}))
+        super()._save_checkpoint(model, trial)
+
+
+class LogAtEverySave(TrainerCallback):
+    """Logs the training loss whenever a checkpoint is saved: only at a log does the Trainer add the losses of the
+    last steps to the sum that the checkpoint keeps."""
+
+    def on_step_end(self, args, state, control, **kwargs):
+        control.should_log = control.should_log or control.should_save
+
+    on_epoch_end = on_step_end
+
+
+class AdapterOnlyTrainer(LanguageModelingTrainer, AdapterTrainer):
     """Saves and restores exactly the trained adapter, as safetensors unless --save_safetensors false: no head
     (with tied embeddings as large as the vocabulary matrix) and no frozen language adapter."""
 
@@ -917,7 +1239,7 @@ class AdapterOnlyTrainer(AdapterTrainer):
         self.load_trained_adapter(Path(self.state.best_model_checkpoint) / self.adapter_name)
 
     def load_trained_adapter(self, folder):
-        self.model.load_adapter(str(folder), load_as=self.adapter_name, with_head=False, use_safetensors=True)
+        load_saved_adapter(self.model, "--resume_from_checkpoint", str(folder), load_as=self.adapter_name)
 
 
 def save_adapter_files(model, folder, adapter_name, use_safetensors):
@@ -943,7 +1265,7 @@ def save_adapter_files(model, folder, adapter_name, use_safetensors):
 
 
 def build_trainer(model, tokenizer, data_collator, train_dataset, eval_dataset, training_args, adapter_args):
-    trainer_class = Trainer
+    trainer_class = LanguageModelingTrainer
     trainer_kwargs = {}
     if adapter_args.train_adapter:
         trainer_class, trainer_kwargs = AdapterOnlyTrainer, {"adapter_name": adapter_args.adapter_name}
@@ -1078,32 +1400,35 @@ def main(argv=None):
     model_args, data_args, training_args, adapter_args = parse_arguments(argv)
     setup_logging(training_args)
     check_arguments(model_args, data_args, training_args, adapter_args)
-    last_checkpoint = detect_last_checkpoint(training_args)
-    set_seed(training_args.seed)
+    with claimed_output_dir(training_args):
+        last_checkpoint = detect_last_checkpoint(training_args)
+        check_resume_checkpoint(last_checkpoint, training_args, adapter_args)
+        set_seed(training_args.seed)
 
-    config = load_config(model_args)
-    tokenizer = load_tokenizer(model_args)
-    raw_datasets = load_raw_datasets(model_args, data_args, training_args)
-    model = load_model(model_args, config, tokenizer)
-    setup_adapter(model, adapter_args)
-    data_collator = build_data_collator(tokenizer, model, data_args, training_args)
-    check_adapter_trains(model, tokenizer, data_collator, adapter_args)
+        config = load_config(model_args)
+        tokenizer = load_tokenizer(model_args)
+        raw_datasets = load_raw_datasets(model_args, data_args, training_args)
+        model = load_model(model_args, config, tokenizer)
+        setup_adapter(model, adapter_args)
+        data_collator = build_data_collator(tokenizer, model, data_args, training_args)
+        check_adapter_trains(model, tokenizer, data_collator, model_args, training_args, adapter_args)
 
-    max_seq_length = choose_max_seq_length(data_args, tokenizer, config)
-    lm_datasets = preprocess(raw_datasets, tokenizer, max_seq_length, data_args, training_args)
-    train_dataset, eval_dataset = select_samples(lm_datasets, data_args)
-    eval_dataset = mask_eval_dataset(eval_dataset, tokenizer, data_args, training_args.seed)
-    trainer = build_trainer(model, tokenizer, data_collator, train_dataset, eval_dataset, training_args, adapter_args)
+        max_seq_length = choose_max_seq_length(data_args, tokenizer, config)
+        lm_datasets = preprocess(raw_datasets, tokenizer, max_seq_length, data_args, training_args)
+        train_dataset, eval_dataset = select_samples(lm_datasets, data_args)
+        eval_dataset = mask_eval_dataset(eval_dataset, tokenizer, data_args, training_args.seed)
+        trainer = build_trainer(model, tokenizer, data_collator, train_dataset, eval_dataset, training_args,
+                                adapter_args)
 
-    metrics = {}
-    if training_args.do_train:
-        metrics.update(train(trainer, train_dataset, last_checkpoint, training_args))
-    if training_args.do_eval:
-        metrics.update(evaluate(trainer, eval_dataset))
-    publish(trainer, model_args, data_args, training_args)
-    curves = plot_training_curves(trainer, training_args)
-    print_summary(trainer, metrics, tokens_per_example(max_seq_length, data_args), curves, training_args,
-                  adapter_args)
+        metrics = {}
+        if training_args.do_train:
+            metrics.update(train(trainer, train_dataset, last_checkpoint, training_args))
+        if training_args.do_eval:
+            metrics.update(evaluate(trainer, eval_dataset))
+        publish(trainer, model_args, data_args, training_args)
+        curves = plot_training_curves(trainer, training_args)
+        print_summary(trainer, metrics, tokens_per_example(max_seq_length, data_args), curves, training_args,
+                      adapter_args)
     return metrics
 
 

@@ -298,3 +298,21 @@ def test_without_matplotlib_the_plot_is_skipped_silently(assets, tmp_path, monke
     summary = capsys.readouterr().out.split("***** summary *****")[1]
     assert "saved adapter:" in summary and "training curves" not in summary
     assert not (tmp_path / "training_curves.png").exists()
+
+
+def test_each_data_file_is_read_by_its_own_extension(assets, tmp_path):
+    train = write_data_file(tmp_path / "train.txt", lines_of(assets.train, 300))
+    validation = write_data_file(tmp_path / "validation.jsonl", lines_of(assets.validation, 100))
+    metrics = run_clm.main(clm_args(assets.tiny_gpt2, train, validation, tmp_path / "out", "--do_eval"))
+    # The blocks of the json objects' text, not of the json lines read as raw text (which would be many more).
+    assert metrics["eval_samples"] == block_count(assets.tiny_gpt2, lines_of(assets.validation, 100), 64)
+
+
+def test_empty_cells_are_skipped_and_counted(assets, tmp_path, caplog):
+    lines = lines_of(assets.validation, 100)
+    frame = pd.DataFrame({"text": [line if i % 4 else None for i, line in enumerate(lines)], "id": range(100)})
+    frame.to_csv(tmp_path / "gaps.csv", index=False)
+    metrics = run_clm.main(clm_args(assets.tiny_gpt2, tmp_path / "gaps.csv", tmp_path / "gaps.csv", tmp_path / "out",
+                                    "--do_eval", "--log_level", "info"))
+    assert "Skipping 25 empty texts of the validation data." in caplog.text
+    assert metrics["eval_samples"] == block_count(assets.tiny_gpt2, [line for i, line in enumerate(lines) if i % 4], 64)

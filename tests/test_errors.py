@@ -1,8 +1,11 @@
 """Bad input costs seconds: one line naming the flag and the fix, exit status 2, no traceback, nothing touched."""
 
 import json
+import shutil
+from types import SimpleNamespace
 
 import pytest
+import torch
 from conftest import QUIET, run_script
 
 import run_clm
@@ -59,13 +62,93 @@ CASES = {
                                                       write(d / "n.csv", "text,label\n1,a\n2,b\n")],
                                "text column 'text' holds Value('int64')"),
     "ragged csv": (run_clm, lambda a, d: ["--train_file", write(d / "r.csv", "text\n\"unclosed,\n")],
-                   "Could not read"),
+                   "r.csv could not be loaded (Error tokenizing data"),
     "streaming without max_steps": (run_clm, lambda a, d: ["--streaming", "--max_steps", "-1"], "--streaming"),
     "probability out of range": (run_mlm, lambda a, d: ["--mlm_probability", "1.5"], "--mlm_probability 1.5"),
     "tokenizer without mask token": (run_mlm, lambda a, d: ["--tokenizer_name", a.gpt2_tokenizer],
                                      "has no mask token"),
     "no data": (run_clm, lambda a, d: [], "No data given"),
+    # Data that cannot give a meaningful loss: refused, never reported as a perplexity of 1 or NaN.
+    "only blank lines": (run_clm, lambda a, d: ["--train_file", write(d / "blank.txt", "\n \n\t\n" * 50)],
+                         "has no text: all its 142 texts in column 'text' are empty or whitespace"),
+    "only whitespace lines, line by line": (run_mlm, lambda a, d: ["--line_by_line", "--train_file",
+                                                                   write(d / "spaces.txt", "  \n\t\n" * 40)],
+                                            "has no text"),
+    "empty text column": (run_clm, lambda a, d: ["--train_file", write(d / "e.csv", "text,id\n,1\n,2\n")],
+                          "has no text"),
+    "block of one token": (run_clm, lambda a, d: ["--block_size", "1"], "--block_size 1 leaves no token to predict"),
+    "sequence of one token": (run_mlm, lambda a, d: ["--max_seq_length", "1"], "--max_seq_length 1 leaves no"),
+    "line as short as its special tokens": (run_mlm, lambda a, d: ["--line_by_line", "--max_seq_length", "2"],
+                                            "--max_seq_length 2 leaves no token to mask in a line after its 2 "
+                                            "special tokens"),
+    "no token to mask in validation": (run_mlm, lambda a, d: ["--do_eval", "--line_by_line", "--mlm_probability",
+                                                              "0.01", "--validation_file", write(d / "v.txt", "a b\n")],
+                                       "The validation data has no token to evaluate"),
+    # Files that are not what their extension says, named in the line.
+    "not a parquet file": (run_clm, lambda a, d: ["--train_file", write(d / "x.parquet", "plain text\n")],
+                           "x.parquet could not be loaded (Parquet magic bytes not found"),
+    "broken json lines": (run_mlm, lambda a, d: ["--train_file", write(d / "b.jsonl", '{"text": "a"}\n{"text": \n')],
+                          "b.jsonl could not be loaded"),
+    "broken validation file beside a good train file": (
+        run_clm, lambda a, d: ["--do_eval", "--validation_file", write(d / "v.json", "{")],
+        "--validation_file"),
+    # Models, tokenizers and adapters that cannot be loaded, or do not fit: the flag that names them is blamed.
+    "truncated model weights": (run_clm, lambda a, d: ["--model_name_or_path", a.truncated_gpt2],
+                                "--model_name_or_path"),
+    "tokenizer without vocabulary": (run_clm, lambda a, d: ["--tokenizer_name", a.tokenizer_without_vocabulary],
+                                     "--tokenizer_name"),
+    "adapter of another architecture": (run_clm, lambda a, d: ["--train_adapter", "--load_adapter",
+                                                                a.roberta_adapter],
+                                        "does not fit this gpt2 model"),
+    "adapter of another width": (run_clm, lambda a, d: ["--train_adapter", "--load_adapter", a.narrow_gpt2_adapter],
+                                 "does not fit this gpt2 model (size mismatch"),
+    "corrupt adapter weights": (run_mlm, lambda a, d: ["--train_adapter", "--load_adapter", a.corrupt_roberta_adapter],
+                                "--load_adapter"),
+    "half-precision base without mixed precision": (run_clm, lambda a, d: ["--train_adapter", "--torch_dtype",
+                                                                           "float16"],
+                                                    "--torch_dtype float16 loads the base model in torch.float16"),
+    # Settings the optimizer would reject once everything is loaded.
+    "negative learning rate": (run_mlm, lambda a, d: ["--learning_rate", "-1"], "--learning_rate -1.0 must not be"),
+    "impossible beta": (run_clm, lambda a, d: ["--adam_beta1", "2"],
+                        "rejects these settings (Invalid beta parameter at index 0: 2.0)"),
+    "zero preprocessing workers": (run_clm, lambda a, d: ["--preprocessing_num_workers", "0"],
+                                   "--preprocessing_num_workers 0 must be at least 1"),
 }
+
+
+@pytest.fixture(scope="module")
+def inputs(assets, tmp_path_factory):
+    """The tiny assets, plus broken or mismatched ones: a model cut short, a tokenizer without its vocabulary, and
+    adapters saved for other models."""
+    import adapters
+    from transformers import AutoModelForMaskedLM, GPT2Config, GPT2LMHeadModel
+
+    folder = tmp_path_factory.mktemp("broken")
+    truncated = folder / "truncated-gpt2"
+    shutil.copytree(assets.tiny_gpt2, truncated)
+    weights = (truncated / "model.safetensors").read_bytes()
+    (truncated / "model.safetensors").write_bytes(weights[: len(weights) // 2])
+    without_vocabulary = folder / "gpt2-tokenizer-without-vocabulary"
+    shutil.copytree(assets.gpt2_tokenizer, without_vocabulary)
+    for name in ("vocab.json", "tokenizer.json"):
+        (without_vocabulary / name).unlink()
+
+    def saved_adapter(model, name):
+        adapters.init(model)
+        model.add_adapter("adapter", config="seq_bn")
+        model.save_adapter(str(folder / name), "adapter")
+        return folder / name
+
+    roberta_adapter = saved_adapter(AutoModelForMaskedLM.from_pretrained(assets.tiny_roberta), "roberta-adapter")
+    corrupt = folder / "corrupt-roberta-adapter"
+    shutil.copytree(roberta_adapter, corrupt)
+    (corrupt / "adapter.safetensors").write_bytes(b"not a safetensors file")
+    narrow_gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=1000, n_embd=32, n_layer=2, n_head=2, n_positions=256))
+    return SimpleNamespace(
+        **vars(assets), truncated_gpt2=truncated, tokenizer_without_vocabulary=without_vocabulary,
+        roberta_adapter=roberta_adapter, corrupt_roberta_adapter=corrupt,
+        narrow_gpt2_adapter=saved_adapter(narrow_gpt2, "narrow-gpt2-adapter"),
+    )
 
 
 def base_arguments(script, assets, output_dir):
@@ -77,14 +160,14 @@ def base_arguments(script, assets, output_dir):
 
 
 @pytest.mark.parametrize("case", CASES)
-def test_bad_input_ends_in_one_line_and_touches_nothing(case, assets, tmp_path, capsys):
+def test_bad_input_ends_in_one_line_and_touches_nothing(case, inputs, tmp_path, capsys):
     script, extra, expected = CASES[case]
     output_dir = tmp_path / "earlier-run"
     output_dir.mkdir()
     (output_dir / "all_results.json").write_text('{"perplexity": 12.5}')
-    extra = extra(assets, tmp_path)
-    data = [] if case == "no data" or "--train_file" in extra else ["--train_file", assets.train]
-    argv = [str(value) for value in [*base_arguments(script, assets, output_dir), *data, *extra]]
+    extra = extra(inputs, tmp_path)
+    data = [] if case == "no data" or "--train_file" in extra else ["--train_file", inputs.train]
+    argv = [str(value) for value in [*base_arguments(script, inputs, output_dir), *data, *extra]]
     capsys.readouterr()
 
     assert script.cli(argv) == 2
@@ -125,3 +208,83 @@ def test_the_real_command_line_exits_2_without_traceback(assets, tmp_path):
         "run_clm.py: error: argument --learning_rate/--learning-rate: invalid float value: 'fast'; see --help for "
         "the flags and their values."
     ]
+
+
+def test_an_evaluation_never_writes_over_a_folder_of_other_work(assets, tmp_path, capsys):
+    (tmp_path / "README.md").write_text("my notes")
+    arguments = [str(value) for value in [
+        "--model_name_or_path", assets.tiny_gpt2, "--validation_file", assets.validation, "--do_eval",
+        "--max_eval_samples", "4", "--block_size", "32", "--output_dir", tmp_path, *QUIET]]
+    assert run_clm.cli(arguments) == 2
+    assert "--output_dir" in capsys.readouterr().err
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["README.md"]
+    assert (tmp_path / "README.md").read_text() == "my notes"
+    # Asked for explicitly, it writes there (the model card replaces the README).
+    assert run_clm.cli([*arguments, "--overwrite_output_dir"]) == 0
+    assert (tmp_path / "eval_results.json").is_file()
+
+
+@pytest.mark.parametrize("where", ["a file", "inside a file"])
+def test_an_output_dir_that_cannot_be_a_folder_is_refused_before_the_model_loads(assets, tmp_path, capsys, where):
+    (tmp_path / "taken").write_text("a file, not a folder")
+    output_dir = tmp_path / "taken" if where == "a file" else tmp_path / "taken" / "out"
+    arguments = [str(value) for value in [
+        "--model_name_or_path", tmp_path / "no-model-here", "--train_file", assets.train, "--do_train",
+        "--output_dir", output_dir, *QUIET]]
+    assert run_clm.cli(arguments) == 2
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    # Refused for the folder, though the model named does not exist either: the folder is checked first.
+    assert f"--output_dir {output_dir} cannot be written" in line
+    assert (tmp_path / "taken").read_text() == "a file, not a folder"
+
+
+def test_a_second_run_into_a_folder_in_use_is_refused_and_a_dead_runs_lock_is_not(assets, tmp_path, capsys):
+    import fcntl
+
+    output_dir = tmp_path / "out"
+    output_dir.mkdir()
+    arguments = [str(value) for value in [
+        "--model_name_or_path", assets.tiny_gpt2, "--train_file", assets.train, "--do_train", "--max_steps", "1",
+        "--block_size", "32", "--train_adapter", "--output_dir", output_dir, *QUIET]]
+    with open(output_dir / run_clm.LOCK_FILE, "w") as lock:  # as a live run holds it
+        lock.write("4242")
+        lock.flush()
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        assert run_clm.cli(arguments) == 2
+        assert "is in use by another run (process 4242)" in capsys.readouterr().err
+    # The lock file of a killed run stays behind, but its lock died with the process.
+    assert (output_dir / run_clm.LOCK_FILE).exists()
+    assert run_clm.cli(arguments) == 0
+    assert (output_dir / "clm" / "adapter_config.json").is_file()
+    assert not (output_dir / run_clm.LOCK_FILE).exists()
+
+
+def test_resuming_from_a_checkpoint_of_another_kind_of_run_is_refused(assets, tmp_path, capsys):
+    def arguments(output_dir, *extra):
+        return [str(value) for value in [
+            "--model_name_or_path", assets.tiny_gpt2, "--train_file", assets.train, "--do_train", "--block_size", "32",
+            "--max_steps", "4", "--save_strategy", "steps", "--save_steps", "2", "--output_dir", output_dir,
+            "--report_to", "none", "--disable_tqdm", "true", *extra]]
+
+    run_clm.main(arguments(tmp_path / "seq_bn", "--max_steps", "2", "--train_adapter"))
+    assert run_clm.cli(arguments(tmp_path / "seq_bn", "--train_adapter", "--adapter_config", "lora")) == 2
+    assert ("holds checkpoint-2 with an adapter of another configuration, but this run trains the adapter 'clm' "
+            "(lora)") in capsys.readouterr().err
+    assert run_clm.cli(arguments(tmp_path / "full", "--resume_from_checkpoint", tmp_path / "seq_bn" / "checkpoint-2",
+                                 "--overwrite_output_dir")) == 2
+    assert "holds an adapter, not a fully fine-tuned model, but this run trains the whole model" in (
+        capsys.readouterr().err)
+    assert sorted(path.name for path in (tmp_path / "seq_bn").glob("checkpoint-*")) == ["checkpoint-2"]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks what a machine without a GPU says")
+@pytest.mark.parametrize("flags, expected", [
+    (["--bf16"], "--bf16 needs a GPU with bf16 support; on a CPU add --use_cpu"),
+    (["--fp16"], "--fp16 needs a GPU: on a CPU mixed precision is bf16"),
+    (["--fp16", "--use_cpu", "--torch_dtype", "float16"], "--fp16 needs a GPU"),
+])
+def test_half_precision_flags_without_a_gpu_name_the_flag_and_the_fix(assets, tmp_path, capsys, flags, expected):
+    arguments = [str(value) for value in [*base_arguments(run_clm, assets, tmp_path), "--train_file", assets.train,
+                                          "--train_adapter", *flags]]
+    assert run_clm.cli(arguments) == 2
+    assert expected in capsys.readouterr().err.strip().splitlines()[-1]

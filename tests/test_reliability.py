@@ -5,6 +5,7 @@ import signal
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 
 import pytest
 from conftest import REPO, read_json, tiny_run_arguments
@@ -46,8 +47,10 @@ def test_a_run_killed_with_sigkill_resumes_to_the_uninterrupted_result(script, a
     resumed = subprocess.run(command, capture_output=True, text=True, env=os.environ.copy(), timeout=600)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"Resuming training from {output_dir}/checkpoint-" in resumed.stdout + resumed.stderr
-    assert read_json(output_dir / "all_results.json")["eval_loss"] == pytest.approx(
-        uninterrupted["eval_loss"], abs=1e-4)
+    resumed_results = read_json(output_dir / "all_results.json")
+    assert resumed_results["eval_loss"] == pytest.approx(uninterrupted["eval_loss"], abs=1e-4)
+    # The Trainer alone would divide the second session's losses by all 40 steps.
+    assert resumed_results["train_loss"] == pytest.approx(uninterrupted["train_loss"], abs=1e-4)
 
 
 @pytest.mark.parametrize("script", ["run_clm.py", "run_mlm.py"])
@@ -64,3 +67,45 @@ def test_torchrun_with_two_processes(script, assets, tmp_path):
     adapter_name = "clm" if module is run_clm else "mlm"
     assert (tmp_path / adapter_name / "adapter_config.json").is_file()
     assert result.stdout.count("***** summary *****") == 1  # only the main process reports
+
+
+@contextmanager
+def small_file_system(folder, size):
+    """A tmpfs of the given size at folder, to fill up for real; skips where mounting is not allowed."""
+    folder.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)],
+                      capture_output=True).returncode != 0:
+        pytest.skip("mounting a small tmpfs needs root")
+    try:
+        yield lambda new_size: subprocess.run(["mount", "-o", f"remount,size={new_size}", str(folder)], check=True)
+    finally:
+        subprocess.run(["umount", str(folder)], check=True)
+
+
+def test_a_disk_that_fills_up_ends_in_one_line_and_the_rerun_resumes_exactly(assets, tmp_path, capsys):
+    # Each checkpoint of this run takes about 160 kB: the third of them does not fit into 400 kB.
+    extra = ["--max_steps", "8", "--save_strategy", "steps", "--save_steps", "2", "--max_train_samples", "32"]
+    uninterrupted = run_clm.main(arguments(run_clm, assets, tmp_path / "straight", *extra))
+    with small_file_system(tmp_path / "disk", "400k") as resize:
+        output_dir = tmp_path / "disk" / "run"
+        assert run_clm.cli(arguments(run_clm, assets, output_dir, *extra)) == 2
+        line = capsys.readouterr().err.strip().splitlines()[-1]
+        assert line.startswith(f"run_clm.py: error: Could not write to --output_dir {output_dir} (No space left on "
+                               "device); make room or fix the permissions, then run the same command again")
+        assert run_clm.last_complete_checkpoint(output_dir) == str(output_dir / "checkpoint-4")
+        resize("8m")
+        resumed = run_clm.main(arguments(run_clm, assets, output_dir, *extra))
+    assert resumed["eval_loss"] == pytest.approx(uninterrupted["eval_loss"], abs=1e-6)
+    assert resumed["train_loss"] == pytest.approx(uninterrupted["train_loss"], abs=1e-6)
+
+
+def test_a_read_only_output_dir_is_refused_before_the_model_loads(assets, tmp_path, capsys):
+    with small_file_system(tmp_path / "disk", "1m"):
+        subprocess.run(["mount", "-o", "remount,ro", str(tmp_path / "disk")], check=True)
+        output_dir = tmp_path / "disk" / "run"
+        # The model named does not exist: the folder is checked before anything is loaded.
+        assert run_clm.cli(arguments(run_clm, assets, output_dir, "--max_steps", "1", "--model_name_or_path",
+                                     tmp_path / "no-model-here")) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"run_clm.py: error: --output_dir {output_dir} cannot be written (Read-only file system); give a folder you "
+        "can write to.")

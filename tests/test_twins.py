@@ -16,7 +16,7 @@ ALLOWED_TO_DIFFER = {
     "AdapterGroupArguments": "the default adapter name, clm or mlm",
     "check_model_arguments": "the example model types in the message",
     "check_data_arguments": "the length flag's name, and --mlm_probability",
-    "load_raw_datasets": "--keep_linebreaks for .txt files, a causal LM option",
+    "load_data_files": "--keep_linebreaks for .txt files, a causal LM option",
     "load_tokenizer": "a masked LM needs a mask token",
     "load_model": "AutoModelForCausalLM vs AutoModelForMaskedLM",
     "preprocess": "--line_by_line and the special-tokens mask that masking needs",

@@ -2,10 +2,12 @@
 
 import json
 
+import numpy as np
 import pytest
-from adapters import ADAPTER_CONFIG_MAP
+from adapters import ADAPTER_CONFIG_MAP, AdapterConfig
 from conftest import read_json
 from conftest import tiny_run_arguments as arguments
+from safetensors import safe_open
 
 import run_clm
 import run_mlm
@@ -19,7 +21,18 @@ REFUSED = {
 }
 
 
-@pytest.mark.parametrize("method", list(ADAPTER_CONFIG_MAP))
+# The older names of the bottleneck configurations: the same configuration under another name, so trained once.
+ALIASES = {"pfeiffer": "seq_bn", "houlsby": "double_seq_bn", "parallel": "par_bn", "scaled_parallel": "scaled_par_bn",
+           "pfeiffer+inv": "seq_bn_inv", "houlsby+inv": "double_seq_bn_inv"}
+
+
+def test_the_older_names_are_the_same_configurations():
+    for alias, name in ALIASES.items():
+        assert AdapterConfig.load(alias).to_dict() == AdapterConfig.load(name).to_dict(), alias
+    assert ALIASES.keys() < ADAPTER_CONFIG_MAP.keys()
+
+
+@pytest.mark.parametrize("method", [name for name in ADAPTER_CONFIG_MAP if name not in ALIASES])
 @pytest.mark.parametrize("script", [run_clm, run_mlm], ids=["gpt2", "roberta"])
 def test_every_method_trains_and_reloads_or_is_refused_in_one_line(script, method, assets, tmp_path, capsys):
     name = "clm" if script is run_clm else "mlm"
@@ -71,10 +84,16 @@ def test_parameterised_union_and_file_configs(spec, assets, tmp_path):
     saved = read_json(tmp_path / "out" / "clm" / "adapter_config.json")["config"]
     configs = saved["configs"] if saved["architecture"] == "union" else [saved]
     assert configs[-1]["architecture"] == "lora"
-    assert configs[-1]["r"] == (2 if spec.endswith(".json") else 4)
+    rank = 2 if spec.endswith(".json") else 4
+    assert configs[-1]["r"] == rank
     if "|" in spec:
         assert len(configs) == 2 and configs[0]["reduction_factor"] == 4
-    assert metrics["eval_loss"] > 0
+    # The settings reached the model: LoRA's up projections have the rank asked for, and the union has both parts.
+    with safe_open(tmp_path / "out" / "clm" / "adapter.safetensors", "pt") as weights:
+        shapes = {key: weights.get_slice(key).get_shape() for key in weights.keys()}
+    assert {shape[-1] for key, shape in shapes.items() if "lora_B" in key} == {rank}
+    assert any("adapter_down" in key for key in shapes) == ("|" in spec)
+    assert np.isfinite(metrics["eval_loss"])
 
 
 @pytest.mark.parametrize("script", [run_clm, run_mlm], ids=["gpt2", "roberta"])

@@ -84,8 +84,9 @@ def test_full_fine_tuning_from_model_type_and_config_overrides(assets, tmp_path)
     assert (config["n_embd"], config["n_layer"], config["n_positions"]) == (32, 1, 128)
     assert (tmp_path / "model.safetensors").is_file()
     assert "adapters" not in config  # a fully fine-tuned model loads without the adapters library
-    # Block size defaults to the model's 128 positions, below 1024 and the tokenizer's limit.
-    assert read_json(tmp_path / "all_results.json")["eval_samples"] == metrics["eval_samples"]
+    # Block size defaults to the model's 128 positions, below 1024 and the tokenizer's limit of 1024.
+    texts = [line + "\n" for line in lines_of(assets.validation)]
+    assert metrics["eval_samples"] == block_count(assets.gpt2_tokenizer, texts, 128)
     assert metrics["perplexity"] < 500  # from 1000 for a uniform guess over the vocabulary
 
 

@@ -1246,12 +1246,13 @@ def sample_texts(raw_datasets, tokenizer, evaluation_args):
 @contextmanager
 def adapters_off(model):
     trained_setup, skip_layers = model.active_adapters, model.adapters_config.skip_layers
-    model.set_active_adapters(None)
-    try:
-        with log_message_dropped("adapters.model_mixin", "There are adapters available but none are activated"):
+    # Switching back passes through a moment without adapters too, which adapters also warns about.
+    with log_message_dropped("adapters.model_mixin", "There are adapters available but none are activated"):
+        model.set_active_adapters(None)
+        try:
             yield
-    finally:
-        model.set_active_adapters(trained_setup, skip_layers=skip_layers)
+        finally:
+            model.set_active_adapters(trained_setup, skip_layers=skip_layers)
 
 
 def sample_prompt(tokenizer, text, max_length):

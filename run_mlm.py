@@ -1196,7 +1196,7 @@ def evaluate(trainer, eval_dataset):
     return metrics
 
 
-def write_samples(trainer, tokenizer, raw_datasets, max_length, evaluation_args, training_args):
+def write_samples(trainer, tokenizer, raw_datasets, max_length, evaluation_args, training_args, adapter_args):
     """Show what the model now does on a few prompts, the base model (adapters off) beside the adapted one, and
     write them to <output_dir>/samples.jsonl. Greedy and without dropout: the same model gives the same samples."""
     if evaluation_args.num_samples == 0 or not trainer.is_world_process_zero():
@@ -1209,7 +1209,7 @@ def write_samples(trainer, tokenizer, raw_datasets, max_length, evaluation_args,
     was_training = model.training
     model.eval()
     with torch.no_grad():
-        if getattr(model, "active_adapters", None):
+        if adapter_args.train_adapter:
             with adapters_off(model):
                 outputs = {"base": [complete_sample(model, tokenizer, prompt) for prompt in prompts]}
             outputs["adapted"] = [complete_sample(model, tokenizer, prompt) for prompt in prompts]
@@ -1410,7 +1410,8 @@ def main(argv=None):
         metrics.update(train(trainer, train_dataset, last_checkpoint, training_args))
     if training_args.do_eval:
         metrics.update(evaluate(trainer, eval_dataset))
-    samples = write_samples(trainer, tokenizer, raw_datasets, max_seq_length, evaluation_args, training_args)
+    samples = write_samples(trainer, tokenizer, raw_datasets, max_seq_length, evaluation_args, training_args,
+                            adapter_args)
     publish(trainer, model_args, data_args, training_args)
     curves = plot_training_curves(trainer, training_args)
     print_summary(trainer, metrics, tokens_per_example(max_seq_length, data_args), curves, samples, training_args,

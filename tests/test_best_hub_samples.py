@@ -112,7 +112,7 @@ def test_samples_show_the_base_and_the_adapted_model(script, assets, tmp_path, c
     sample_flags = ["--sample_prompts", prompts_file] if script is run_clm else []
     common = ["--do_train", "--do_eval", "--train_adapter", "--max_steps", "10", "--learning_rate", "1e-1"]
     script.main(tiny_run_arguments(script, assets, tmp_path / "run", *common, *sample_flags))
-    samples = [json.loads(line) for line in (tmp_path / "run" / "samples.jsonl").read_text().splitlines()]
+    samples = read_samples(tmp_path / "run")
     assert len(samples) == (2 if script is run_clm else 3)
     assert all(sample["base"] and sample["adapted"] for sample in samples)
     assert any(sample["base"] != sample["adapted"] for sample in samples)  # the adapter changed what the model does
@@ -124,6 +124,18 @@ def test_samples_show_the_base_and_the_adapted_model(script, assets, tmp_path, c
     summary = capsys.readouterr().out.split("***** summary *****")[-1]
     assert f"samples (greedy): {tmp_path / 'run' / 'samples.jsonl'}" in summary
     assert json.dumps(samples[0]["adapted"], ensure_ascii=False)[:60] in summary
+
+
+def test_full_fine_tuning_samples_show_the_model_alone(assets, tmp_path):
+    run_clm.main(tiny_run_arguments(run_clm, assets, tmp_path, "--do_train", "--do_eval", "--max_steps", "2",
+                                    "--num_samples", "2"))
+    samples = read_samples(tmp_path)
+    assert [sorted(sample) for sample in samples] == [["output", "prompt"]] * 2
+    assert all(sample["output"] for sample in samples)
+
+
+def read_samples(output_dir):
+    return [json.loads(line) for line in (output_dir / "samples.jsonl").read_text().splitlines()]
 
 
 def test_a_prompt_with_a_mask_token_is_filled_there(assets):

@@ -40,6 +40,7 @@ import torch
 import transformers
 from datasets import DatasetDict, IterableDatasetDict, load_dataset, load_from_disk
 from datasets.exceptions import DatasetGenerationError
+from huggingface_hub import HfApi, ModelCardData
 from safetensors import SafetensorError
 from safetensors.torch import save_file
 from transformers import (
@@ -48,10 +49,12 @@ from transformers import (
     AutoModelForMaskedLM,
     AutoTokenizer,
     DataCollatorForLanguageModeling,
+    EarlyStoppingCallback,
     HfArgumentParser,
     Trainer,
     TrainerCallback,
     TrainingArguments,
+    default_data_collator,
     set_seed,
 )
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
@@ -164,6 +167,9 @@ BUILT_IN_INTERFACES = {
         "layer_output_proj": "mlp.dense_4h_to_h",
     },
 }
+# Samples: a validation text is cut to its first tokens to make a prompt, in which some tokens are masked to fill.
+SAMPLE_PROMPT_TOKENS = 16
+SAMPLE_MASKED_SHARE = 0.15
 
 
 class UsageError(Exception):
@@ -332,6 +338,42 @@ class AdapterGroupArguments(AdapterArguments):
     )
 
 
+@dataclass
+class EvaluationArguments:
+    """When to stop training early, and the samples that show what the trained model does."""
+
+    _argument_group_name = "Early stopping and samples"
+
+    early_stopping_patience: Optional[int] = field(
+        default=None,
+        metadata={
+            "help": "Stop training after this many evaluations in a row without improvement of "
+            "--metric_for_best_model. Needs --load_best_model_at_end and an --eval_strategy (steps or epoch)."
+        },
+    )
+    early_stopping_threshold: float = field(
+        default=0.0,
+        metadata={
+            "help": "With --early_stopping_patience: the least change of the metric that counts as an improvement."
+        },
+    )
+    num_samples: int = field(
+        default=3,
+        metadata={
+            "help": "After evaluation, fill the masks of this many prompts (the first validation texts, or "
+            "--sample_prompts) with the base model's and the adapted model's top predictions, show them in the "
+            "summary and write them to <output_dir>/samples.jsonl; 0 turns samples off."
+        },
+    )
+    sample_prompts: Optional[str] = field(
+        default=None,
+        metadata={
+            "help": "Text file with one prompt per line for the samples, instead of the first validation texts. "
+            "The tokenizer's mask token marks what to fill; in a prompt without one, some tokens are masked."
+        },
+    )
+
+
 class ArgumentParser(HfArgumentParser):
     """HfArgumentParser that reports a bad command line as a UsageError (one line) instead of argparse's usage block."""
 
@@ -340,8 +382,10 @@ class ArgumentParser(HfArgumentParser):
 
 
 def parse_arguments(argv):
-    """Read the four argument groups from the command line, or from a single .json file of arguments."""
-    parser = ArgumentParser((ModelArguments, DataTrainingArguments, TrainingArguments, AdapterGroupArguments))
+    """Read the five argument groups from the command line, or from a single .json file of arguments."""
+    parser = ArgumentParser(
+        (ModelArguments, DataTrainingArguments, TrainingArguments, AdapterGroupArguments, EvaluationArguments)
+    )
     argv = sys.argv[1:] if argv is None else list(argv)
     try:
         if len(argv) == 1 and argv[0].endswith(".json"):
@@ -353,7 +397,7 @@ def parse_arguments(argv):
                 "--bf16 needs a GPU with bf16 support; on a CPU add --use_cpu (fast only on CPUs with native bf16, "
                 "avx512_bf16 or amx_bf16 in /proc/cpuinfo), or drop --bf16."
             ) from None
-        raise UsageError(f"{first_line(error)}; see --help for the flags and their values.") from None
+        raise UsageError(f"{one_line(error)}; see --help for the flags and their values.") from None
 
 
 def read_json_arguments(json_path):
@@ -363,6 +407,11 @@ def read_json_arguments(json_path):
         return json.loads(json_path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise UsageError(f"The arguments file {json_path} is not valid JSON ({error}); fix the file.") from None
+
+
+def one_line(error):
+    # TrainingArguments puts the values that clash on lines of their own, after the sentence that names the flags.
+    return " ".join(str(error).split()) or type(error).__name__
 
 
 def first_line(error):
@@ -390,12 +439,14 @@ def setup_logging(training_args):
     )
 
 
-def check_arguments(model_args, data_args, training_args, adapter_args):
+def check_arguments(model_args, data_args, training_args, adapter_args, evaluation_args):
     """Refuse mistakes before anything slow happens, each with one sentence naming the flag and the fix."""
     check_model_arguments(model_args)
     check_data_arguments(data_args, training_args)
     check_training_arguments(training_args)
+    check_best_model_arguments(training_args)
     check_adapter_arguments(adapter_args)
+    check_evaluation_arguments(evaluation_args, training_args)
 
 
 def check_model_arguments(model_args):
@@ -490,6 +541,79 @@ def check_optimizer_settings(training_args):
             f"--optim {training_args.optim.value} rejects these settings ({first_line(error)}); check "
             "--learning_rate, --adam_beta1, --adam_beta2, --adam_epsilon and --optim_args."
         ) from None
+def check_best_model_arguments(training_args):
+    """Combinations that transformers accepts, but that fail once training has begun, or that keep a model other
+    than the best without a word."""
+    metric = training_args.metric_for_best_model
+    if metric is not None and metric.removeprefix("eval_") not in ("loss", "accuracy"):
+        raise UsageError(
+            f"--metric_for_best_model {metric} is not a metric of the evaluation; use eval_loss (perplexity follows "
+            "it) or eval_accuracy."
+        )
+    if training_args.save_strategy == "best" and metric is None:
+        raise UsageError("--save_strategy best needs --metric_for_best_model: eval_loss or eval_accuracy.")
+    if not training_args.load_best_model_at_end:
+        return
+    if training_args.save_strategy == "best":
+        raise UsageError(
+            f"--load_best_model_at_end with --save_strategy best keeps the last model in transformers "
+            f"{transformers.__version__}, which never records the best checkpoint; pass --save_strategy "
+            f"{training_args.eval_strategy.value} like --eval_strategy."
+        )
+    if training_args.eval_strategy == "no":
+        raise UsageError(
+            "--load_best_model_at_end needs evaluations to choose from: pass --eval_strategy steps (with "
+            "--eval_steps N) or epoch, and the same --save_strategy."
+        )
+    if training_args.eval_strategy == "steps" and training_args.save_steps != training_args.eval_steps:
+        # The Trainer only reloads a best evaluation that was saved; one between two saves would be passed over.
+        raise UsageError(
+            f"--load_best_model_at_end needs a checkpoint at every evaluation: pass --save_steps "
+            f"{training_args.eval_steps:g} like --eval_steps, not {training_args.save_steps:g}."
+        )
+    if 1 <= training_args.max_steps < training_args.eval_steps:
+        raise UsageError(
+            f"--eval_steps {training_args.eval_steps:g} is more than --max_steps {training_args.max_steps}, so no "
+            "evaluation would choose the best model; pass a smaller --eval_steps."
+        )
+
+
+def check_evaluation_arguments(evaluation_args, training_args):
+    patience = evaluation_args.early_stopping_patience
+    if patience is not None:
+        if patience < 1:
+            raise UsageError(f"--early_stopping_patience {patience} must be at least 1 evaluation.")
+        missing = [flag for flag, given in (
+            ("--load_best_model_at_end", training_args.load_best_model_at_end),
+            ("--eval_strategy steps or epoch (and the same --save_strategy)", training_args.eval_strategy != "no"),
+        ) if not given]
+        if missing:
+            raise UsageError(
+                f"--early_stopping_patience stops on evaluations and keeps the best checkpoint: add "
+                f"{' and '.join(missing)}."
+            )
+    if evaluation_args.early_stopping_threshold < 0:
+        raise UsageError(
+            f"--early_stopping_threshold {evaluation_args.early_stopping_threshold} must be 0 or more."
+        )
+    if evaluation_args.num_samples < 0:
+        raise UsageError(f"--num_samples {evaluation_args.num_samples} must be 0 (no samples) or more.")
+    if evaluation_args.sample_prompts is not None and not read_prompts(evaluation_args.sample_prompts):
+        raise UsageError(
+            f"--sample_prompts {evaluation_args.sample_prompts} holds no prompt; give a text file with one per line."
+        )
+
+
+def read_prompts(path):
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise UsageError(
+            f"--sample_prompts {path} does not exist; give a text file with one prompt per line."
+        ) from None
+    except (OSError, UnicodeDecodeError) as error:
+        raise UsageError(f"--sample_prompts {path} cannot be read as UTF-8 text ({first_line(error)}).") from None
+    return [line.strip() for line in text.splitlines() if line.strip()]
 
 
 def check_adapter_arguments(adapter_args):
@@ -1420,7 +1544,45 @@ class AdapterOnlyTrainer(LanguageModelingTrainer, AdapterTrainer):
         self.load_trained_adapter(Path(self.state.best_model_checkpoint) / self.adapter_name)
 
     def load_trained_adapter(self, folder):
-        load_saved_adapter(self.model, "--resume_from_checkpoint", str(folder), load_as=self.adapter_name)
+        # Loading over the adapter in training is the point here, so adapters' warning that it does is noise.
+        with log_message_dropped("adapters.loading", "Overwriting existing adapter"):
+            load_saved_adapter(self.model, "--resume_from_checkpoint", str(folder), load_as=self.adapter_name)
+
+    def push_to_hub(self, commit_message="End of training", blocking=True, token=None, revision=None, **card):
+        """Publish the adapter where `model.load_adapter("user/repo")` looks for it: its files and a model card at
+        the root of the repository. The Trainer's own push uploads output_dir, where the adapter is a subfolder."""
+        self.create_model_card(**card)
+        if not self.is_world_process_zero():
+            return None
+        token = token if token is not None else self.args.hub_token
+        if self.hub_model_id is None:
+            self.init_hf_repo(token=token)
+        folder = Path(self.args.output_dir) / self.adapter_name
+        save_adapter_files(self.model, folder, self.adapter_name, self.args.save_safetensors)
+        (folder / "README.md").write_text(adapter_card(self, card))
+        return HfApi(token=token).upload_folder(
+            repo_id=self.hub_model_id,
+            folder_path=folder,
+            commit_message=commit_message,
+            revision=revision or self.args.hub_revision,
+            run_as_future=not blocking,
+            # A weights file in the other format, from an earlier push, would otherwise be loaded instead.
+            delete_patterns=["adapter.safetensors", "pytorch_adapter.bin"],
+        )
+
+
+@contextmanager
+def log_message_dropped(logger_name, message_start):
+    """Silence one known message of a library's logger while the block runs, and nothing else."""
+    def keep(record):
+        return not record.getMessage().startswith(message_start)
+
+    library_logger = logging.getLogger(logger_name)
+    library_logger.addFilter(keep)
+    try:
+        yield
+    finally:
+        library_logger.removeFilter(keep)
 
 
 def save_adapter_files(model, folder, adapter_name, use_safetensors):
@@ -1448,6 +1610,39 @@ def save_adapter_files(model, folder, adapter_name, use_safetensors):
         interface._save(str(folder), model.config)
 
 
+def adapter_card(trainer, card):
+    """The hub repository's README.md: what the adapter adapts, how well it did, and how to load it."""
+    model = trainer.model
+    # The Trainer's save_model pushes too, without the card's details, which publish() fills in afterwards.
+    base_model = card.get("finetuned_from") or model.name_or_path
+    metadata = ModelCardData(
+        base_model=base_model if base_model and not os.path.isdir(base_model) else None,  # the hub takes hub names
+        library_name="adapter-transformers",
+        pipeline_tag=card.get("tasks"),
+        tags=[tag for tag in ("adapter-transformers", model.config.model_type, card.get("tasks")) if tag],
+        datasets=card.get("dataset_tags"),
+    )
+    method = type(model.adapters_config.get(trainer.adapter_name)).__name__
+    trained_on = f" on {card['dataset']}" if card.get("dataset") else ""
+    evaluations = [entry for entry in trainer.state.log_history if "eval_loss" in entry]
+    results = ""
+    if evaluations:
+        last = evaluations[-1]
+        results = f"Evaluation: loss {last['eval_loss']:.4f}, perplexity {math.exp(min(last['eval_loss'], 700)):.2f}"
+        results += f", accuracy {last['eval_accuracy']:.4f}.\n\n" if "eval_accuracy" in last else ".\n\n"
+    model_class = type(model).__name__
+    base_name = base_model or "path/to/the/base/model"  # a model built from scratch has no name to load it by
+    return (
+        f"---\n{metadata.to_yaml()}\n---\n\n# {trainer.hub_model_id}\n\n"
+        f"An adapter of the [adapters](https://docs.adapterhub.ml) library ({method}, settings in "
+        f"`adapter_config.json`) for `{base_name}`, trained with `{Path(__file__).name}`{trained_on}. The base "
+        f"model stays as it is: load it, then the adapter.\n\n{results}"
+        f"```python\nimport adapters\nfrom transformers import {model_class}\n\n"
+        f'model = {model_class}.from_pretrained("{base_name}")\nadapters.init(model)\n'
+        f'model.load_adapter("{trainer.hub_model_id}", set_active=True)\n```\n'
+    )
+
+
 def build_trainer(model, tokenizer, data_collator, train_dataset, eval_dataset, training_args, adapter_args):
     trainer_class = LanguageModelingTrainer
     trainer_kwargs = {}
@@ -1466,6 +1661,13 @@ def build_trainer(model, tokenizer, data_collator, train_dataset, eval_dataset, 
         callbacks=[getattr(data_collator, "collator", data_collator)],
         **trainer_kwargs,
     )
+
+
+def add_early_stopping(trainer, evaluation_args):
+    if evaluation_args.early_stopping_patience is not None:
+        trainer.add_callback(EarlyStoppingCallback(
+            evaluation_args.early_stopping_patience, evaluation_args.early_stopping_threshold
+        ))
 
 
 def train(trainer, train_dataset, last_checkpoint, training_args):
@@ -1492,6 +1694,99 @@ def evaluate(trainer, eval_dataset):
     trainer.log_metrics("eval", metrics)
     trainer.save_metrics("eval", metrics)
     return metrics
+
+
+def write_samples(trainer, tokenizer, raw_datasets, max_length, evaluation_args, training_args, adapter_args):
+    """Show what the model now does on a few prompts, the base model (adapters off) beside the adapted one, and
+    write them to <output_dir>/samples.jsonl. Greedy and without dropout: the same model gives the same samples."""
+    if evaluation_args.num_samples == 0 or not trainer.is_world_process_zero():
+        return None
+    texts = sample_texts(raw_datasets, tokenizer, evaluation_args)
+    if not texts:
+        return None
+    model = trainer.model
+    records, prompts = zip(*(sample_prompt(tokenizer, text, max_length) for text in texts))
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        if adapter_args.train_adapter:
+            with adapters_off(model):
+                outputs = {"base": [complete_sample(model, tokenizer, prompt) for prompt in prompts]}
+            outputs["adapted"] = [complete_sample(model, tokenizer, prompt) for prompt in prompts]
+        else:
+            outputs = {"output": [complete_sample(model, tokenizer, prompt) for prompt in prompts]}
+    model.train(was_training)
+    samples = [{**record, **{key: values[index] for key, values in outputs.items()}}
+               for index, record in enumerate(records)]
+    path = Path(training_args.output_dir) / "samples.jsonl"
+    path.write_text("".join(json.dumps(sample, ensure_ascii=False) + "\n" for sample in samples))
+    return path, samples
+
+
+def sample_texts(raw_datasets, tokenizer, evaluation_args):
+    """The prompts of --sample_prompts, or else the beginnings of the first validation texts."""
+    count = evaluation_args.num_samples
+    if evaluation_args.sample_prompts is not None:
+        return read_prompts(evaluation_args.sample_prompts)[:count]
+    validation = raw_datasets.get("validation")
+    if validation is None:
+        return []
+    texts = []
+    for example in validation:
+        text = example["text"].strip()
+        if text:
+            beginning = tokenizer(text, add_special_tokens=False)["input_ids"][:SAMPLE_PROMPT_TOKENS]
+            texts.append(tokenizer.decode(beginning))
+        if len(texts) == count:
+            break
+    return texts
+
+
+@contextmanager
+def adapters_off(model):
+    trained_setup, skip_layers = model.active_adapters, model.adapters_config.skip_layers
+    # Switching back passes through a moment without adapters too, which adapters also warns about.
+    with log_message_dropped("adapters.model_mixin", "There are adapters available but none are activated"):
+        model.set_active_adapters(None)
+        try:
+            yield
+        finally:
+            model.set_active_adapters(trained_setup, skip_layers=skip_layers)
+
+
+def sample_prompt(tokenizer, text, max_length):
+    """The prompt's own mask tokens to fill, or else evenly spaced tokens of it, masked; the record shows the
+    masked prompt and, where the script masked it, the original text."""
+    ids = tokenizer(text, truncation=True, max_length=max_length)["input_ids"]
+    masked = [index for index, token in enumerate(ids) if token == tokenizer.mask_token_id]
+    original = None
+    if not masked:
+        words = [index for index, token in enumerate(ids) if token not in tokenizer.all_special_ids]
+        count = max(1, round(len(words) * SAMPLE_MASKED_SHARE))
+        step = max(1, len(words) // count)
+        masked = words[step // 2::step][:count]
+        original = tokenizer.decode(ids, skip_special_tokens=True)
+        ids = [tokenizer.mask_token_id if index in masked else token for index, token in enumerate(ids)]
+    shown = [token for token in ids if token == tokenizer.mask_token_id or token not in tokenizer.all_special_ids]
+    record = {"prompt": tokenizer.decode(shown)}
+    if original is not None:
+        record["expected"] = original
+    return record, (ids, masked)
+
+
+def complete_sample(model, tokenizer, prompt):
+    """The prompt with each mask replaced by the model's top prediction."""
+    ids, masked = prompt
+    labels = [token if index in masked else -100 for index, token in enumerate(ids)]
+    # Prompt tuning puts virtual tokens before the text; its collator moves the labels to where the logits are.
+    collate = with_prompt_labels(default_data_collator, model)
+    batch = collate([{"input_ids": ids, "attention_mask": [1] * len(ids), "labels": labels}])
+    at_masks = batch.pop("labels")[0] != -100
+    logits = model(**{name: tensor.to(model.device) for name, tensor in batch.items()}).logits
+    filled = list(ids)
+    for index, token in zip(masked, logits[0, at_masks].argmax(dim=-1).tolist()):
+        filled[index] = token
+    return tokenizer.decode(filled, skip_special_tokens=True)
 
 
 def publish(trainer, model_args, data_args, training_args):
@@ -1547,7 +1842,7 @@ def plot_training_curves(trainer, training_args):
     return path
 
 
-def print_summary(trainer, metrics, tokens_per_example, curves, training_args, adapter_args):
+def print_summary(trainer, metrics, tokens_per_example, curves, samples, training_args, adapter_args):
     """End the run with what a user looks for first: what was trained, how fast, how well, and where it went."""
     if not trainer.is_world_process_zero():
         return
@@ -1577,13 +1872,20 @@ def print_summary(trainer, metrics, tokens_per_example, curves, training_args, a
         )
     if curves is not None:
         lines.append(f"training curves: {curves}")
+    if samples is not None:
+        path, records = samples
+        lines.append(f"samples (greedy): {path}")
+        for record in records:
+            width = max(map(len, record)) + 1
+            lines += [f"  {key + ':':{width}} {shorten(json.dumps(text, ensure_ascii=False), 100)}"
+                      for key, text in record.items()]
     print("\n".join(["***** summary *****", *(f"  {line}" for line in lines)]), flush=True)
 
 
 def main(argv=None):
-    model_args, data_args, training_args, adapter_args = parse_arguments(argv)
+    model_args, data_args, training_args, adapter_args, evaluation_args = parse_arguments(argv)
     setup_logging(training_args)
-    check_arguments(model_args, data_args, training_args, adapter_args)
+    check_arguments(model_args, data_args, training_args, adapter_args, evaluation_args)
     with claimed_output_dir(training_args):
         last_checkpoint = detect_last_checkpoint(training_args)
         check_resume_checkpoint(last_checkpoint, training_args, adapter_args)
@@ -1603,16 +1905,19 @@ def main(argv=None):
         eval_dataset = mask_eval_dataset(eval_dataset, tokenizer, data_args, training_args.seed)
         trainer = build_trainer(model, tokenizer, data_collator, train_dataset, eval_dataset, training_args,
                                 adapter_args)
+        add_early_stopping(trainer, evaluation_args)
 
         metrics = {}
         if training_args.do_train:
             metrics.update(train(trainer, train_dataset, last_checkpoint, training_args))
         if training_args.do_eval:
             metrics.update(evaluate(trainer, eval_dataset))
+        samples = write_samples(trainer, tokenizer, raw_datasets, max_seq_length, evaluation_args, training_args,
+                                adapter_args)
         publish(trainer, model_args, data_args, training_args)
         curves = plot_training_curves(trainer, training_args)
-        print_summary(trainer, metrics, tokens_per_example(max_seq_length, data_args), curves, training_args,
-                      adapter_args)
+        print_summary(trainer, metrics, tokens_per_example(max_seq_length, data_args), curves, samples,
+                      training_args, adapter_args)
     return metrics
 
 

@@ -29,7 +29,7 @@ sys.path[:0] = [str(REPO), str(REPO / "tools")]
 import make_tiny_assets  # noqa: E402
 
 # Arguments every test run shares: quiet, no integrations, no checkpoints unless a test asks for them.
-QUIET = ["--report_to", "none", "--disable_tqdm", "true", "--save_strategy", "no", "--seed", "7"]
+QUIET = ["--report_to", "none", "--disable_tqdm", "true", "--save_strategy", "no", "--seed", "7", "--num_samples", "0"]
 
 
 @pytest.fixture(scope="session")

@@ -112,7 +112,7 @@ def test_the_blocks_do_not_depend_on_the_number_of_preprocessing_workers(script,
     # Tokenized in worker processes, grouped in this one: the same blocks as all in one process.
     def blocks(*extra):
         argv = tiny_run_arguments(script, assets, tmp_path / "unused", "--do_train", "--overwrite_cache", *extra)
-        model_args, data_args, training_args, _ = script.parse_arguments(argv)
+        model_args, data_args, training_args, *_ = script.parse_arguments(argv)
         raw_datasets = script.load_raw_datasets(model_args, data_args, training_args)
         tokenizer = script.load_tokenizer(model_args)
         return script.preprocess(raw_datasets, tokenizer, 32, data_args, training_args)["train"].to_dict()

@@ -108,7 +108,7 @@ def test_line_by_line_makes_one_example_per_non_empty_line(assets, tmp_path, pad
     path = tmp_path / "lines.txt"
     path.write_text("\n".join(lines) + "\n")
     flags = ["--pad_to_max_length"] if pad_to_max_length else []
-    model_args, data_args, training_args, _ = parsed(
+    model_args, data_args, training_args, *_ = parsed(
         "--validation_file", str(path), "--do_eval", "--line_by_line", "--tokenizer_name",
         str(assets.roberta_tokenizer), *flags,
     )

@@ -27,6 +27,9 @@ ALLOWED_TO_DIFFER = {
     "build_trainer": "the masking collator follows the epoch as a callback",
     "publish": "the model card's task",
     "main": "the masked LM's validation masks; block_size vs max_seq_length",
+    "EvaluationArguments": "what a sample is: a continued prompt or filled masks",
+    "sample_prompt": "a prompt to continue vs tokens to mask",
+    "complete_sample": "greedy continuation vs the top prediction for each mask",
 }
 
 

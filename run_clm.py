@@ -39,6 +39,7 @@ from transformers import (
     AutoTokenizer,
     HfArgumentParser,
     Trainer,
+    TrainerCallback,
     TrainingArguments,
     default_data_collator,
     set_seed,
@@ -670,12 +671,15 @@ def group_texts(batch, block_size):
     Each batch is cut on its own, dropping at most block_size - 1 tokens: the blocks of the list-chaining
     group_texts of the Hugging Face examples, in the same order, but no token ever becomes a Python object.
     Concatenated text is attended everywhere, so the attention mask is made here instead of tokenized. Labels are
-    the input ids (the model shifts them).
+    the input ids (the model shifts them), except -100 for each block's first token: no position predicts it, and
+    the Trainer divides the summed loss by the number of labels other than -100, which must be the number of
+    predicted tokens.
     """
     columns = {name: pc.list_flatten(batch.column(name)).to_numpy() for name in batch.column_names}
     usable = len(columns["input_ids"]) // block_size * block_size
     columns["attention_mask"] = np.ones(usable, dtype=np.int8)
-    columns["labels"] = columns["input_ids"]
+    columns["labels"] = columns["input_ids"][:usable].copy()
+    columns["labels"][::block_size] = -100
     return pa.table({
         name: pa.FixedSizeListArray.from_arrays(tokens[:usable], block_size) for name, tokens in columns.items()
     })
@@ -728,19 +732,36 @@ def take_first(dataset, count):
 
 
 def preprocess_logits_for_metrics(logits, labels):
-    # Keep only the predicted token ids: gathering full logits over an eval set would need vocab-size times the memory.
+    # Keep only the predicted token ids and each token's loss: gathering full logits over an eval set would need
+    # vocab-size times the memory.
     if isinstance(logits, tuple):
         logits = logits[0]
-    return logits.argmax(dim=-1)
+    # The logits at position i predict the token at position i + 1.
+    return logits.argmax(dim=-1), token_losses(logits[:, :-1], labels[:, 1:])
+
+
+def token_losses(logits, labels):
+    """The cross-entropy of each labelled token, 0 where the label is -100; in float32 whatever the model's dtype."""
+    losses = torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), reduction="none")
+    return losses.view_as(labels)
+
+
+def mean_token_loss(token_losses, labels):
+    """The eval loss as the mean over all labelled tokens. The Trainer's own is a mean of batch means, which moves
+    with the eval batch size and the number of processes whenever batches differ in their number of labelled tokens
+    (masked LM batches always do, a short last batch does for any model)."""
+    counted = labels != -100
+    return float(token_losses[counted].sum(dtype=np.float64) / counted.sum())
 
 
 def compute_metrics(eval_prediction):
-    predictions, labels = eval_prediction
+    (predictions, losses), labels = eval_prediction
     # The prediction at position i is for the token at position i + 1.
-    predictions = predictions[:, :-1].reshape(-1)
-    labels = labels[:, 1:].reshape(-1)
+    predictions = predictions[:, :-1]
+    labels = labels[:, 1:]
     counted = labels != -100
-    return {"accuracy": float((predictions[counted] == labels[counted]).mean())}
+    accuracy = float((predictions[counted] == labels[counted]).mean())
+    return {"accuracy": accuracy, "loss": mean_token_loss(losses, labels)}  # "loss" replaces the Trainer's eval_loss
 
 
 class PromptLabelCollator:
@@ -841,6 +862,16 @@ def save_adapter_files(model, folder, adapter_name, use_safetensors):
     save_file(unique, folder / "adapter.safetensors")
 
 
+class LogLossAtLastStep(TrainerCallback):
+    """Has the Trainer log the loss at the last step, so that train_loss is the loss of all processes: the Trainer
+    averages the loss over processes only when it logs, and adds the steps since its last log from this process
+    alone."""
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step >= state.max_steps:
+            control.should_log = True
+
+
 def build_trainer(model, tokenizer, data_collator, train_dataset, eval_dataset, training_args, adapter_args):
     trainer_class = Trainer
     trainer_kwargs = {}
@@ -855,6 +886,7 @@ def build_trainer(model, tokenizer, data_collator, train_dataset, eval_dataset, 
         data_collator=data_collator,
         compute_metrics=compute_metrics if training_args.do_eval else None,
         preprocess_logits_for_metrics=preprocess_logits_for_metrics if training_args.do_eval else None,
+        callbacks=[LogLossAtLastStep()],
         **trainer_kwargs,
     )
 

@@ -766,25 +766,54 @@ def take_first(dataset, count):
 
 
 def preprocess_logits_for_metrics(logits, labels):
-    # Keep only the predicted token ids: gathering full logits over an eval set would need vocab-size times the memory.
+    # Keep only the predicted token ids and each token's loss: gathering full logits over an eval set would need
+    # vocab-size times the memory.
     if isinstance(logits, tuple):
         logits = logits[0]
-    return logits.argmax(dim=-1)
+    return logits.argmax(dim=-1), token_losses(logits, labels)
+
+
+def token_losses(logits, labels):
+    """The cross-entropy of each labelled token, 0 where the label is -100; in float32 whatever the model's dtype."""
+    losses = torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), reduction="none")
+    return losses.view_as(labels)
+
+
+def mean_token_loss(token_losses, labels):
+    """The eval loss as the mean over all labelled tokens. The Trainer's own is a mean of batch means, which moves
+    with the eval batch size and the number of processes whenever batches differ in their number of labelled tokens
+    (masked LM batches always do, a short last batch does for any model)."""
+    counted = labels != -100
+    return float(token_losses[counted].sum(dtype=np.float64) / counted.sum())
 
 
 def compute_metrics(eval_prediction):
-    predictions, labels = eval_prediction
+    (predictions, losses), labels = eval_prediction
     # Only the masked positions carry a label; every other position is -100.
     counted = labels != -100
-    return {"accuracy": float((predictions[counted] == labels[counted]).mean())}
+    accuracy = float((predictions[counted] == labels[counted]).mean())
+    return {"accuracy": accuracy, "loss": mean_token_loss(losses, labels)}  # "loss" replaces the Trainer's eval_loss
+
+
+def loss_per_masked_token(outputs, labels, num_items_in_batch=None):
+    """The training loss per masked token of the whole step, over every process and accumulated batch, as one process
+    with all of it would compute it: the model's own loss is a mean per batch, and batches differ in their number of
+    masked tokens. The Trainer counts the step's masked tokens (over all processes, unless
+    --average_tokens_across_devices false) and scales the loss by the number of processes, whose gradients are
+    averaged."""
+    logits = outputs["logits"] if isinstance(outputs, dict) else outputs[0]
+    count = (labels != -100).sum() if num_items_in_batch is None else num_items_in_batch
+    return token_losses(logits, labels).sum() / count
 
 
 class MaskingCollator(DataCollatorForLanguageModeling, TrainerCallback):
-    """Masks training batches afresh in every epoch; validation examples, masked once beforehand, are only padded.
+    """Masks training examples afresh in every epoch; validation examples, masked once beforehand, are only padded.
 
-    A training batch's masks come from a generator seeded by the run's seed, the epoch and the batch's tokens, not
-    from the global random state: the Trainer collates the first batch after a resume before it restores that
-    state, and data loader workers each have their own. A resumed run thus masks exactly as an uninterrupted one.
+    Each training example's masks come from a generator seeded by the run's seed, the epoch and the example's own
+    tokens, before padding: not from the global random state, which the Trainer restores on resume only after it has
+    collated the first batch and which data loader workers each have their own of, nor from the rest of the batch,
+    which changes with the batch size and the number of processes. A run thus masks the same whether resumed or not,
+    on any number of processes, with any batch size. (Identical examples are masked alike within an epoch.)
     """
 
     epoch = 0
@@ -794,7 +823,7 @@ class MaskingCollator(DataCollatorForLanguageModeling, TrainerCallback):
 
     def torch_call(self, examples):
         if "labels" not in examples[0]:
-            return super().torch_call(examples)
+            examples = [self.mask_example(example) for example in examples]
         labels = [example["labels"] for example in examples]
         inputs = [{key: value for key, value in example.items() if key != "labels"} for example in examples]
         batch = self.tokenizer.pad(inputs, return_tensors="pt", pad_to_multiple_of=self.pad_to_multiple_of)
@@ -807,11 +836,16 @@ class MaskingCollator(DataCollatorForLanguageModeling, TrainerCallback):
         batch["labels"] = torch.tensor(padded, dtype=torch.long)
         return batch
 
-    def torch_mask_tokens(self, inputs, **masks):
+    def mask_example(self, example):
+        tokens = torch.tensor([example["input_ids"]], dtype=torch.long)
         key = f"{self.seed}/{self.epoch}".encode()
-        digest = hashlib.blake2b(inputs.numpy().tobytes(), digest_size=8, key=key).digest()
+        digest = hashlib.blake2b(tokens.numpy().tobytes(), digest_size=8, key=key).digest()
         self.generator = torch.Generator().manual_seed(int.from_bytes(digest, "little"))
-        return super().torch_mask_tokens(inputs, **masks)
+        # The tokenizer tells the special tokens, padding included, which are never masked: the Trainer has dropped
+        # the special_tokens_mask column, an input the model does not take.
+        input_ids, labels = self.torch_mask_tokens(tokens)
+        inputs = {key: value for key, value in example.items() if key != "special_tokens_mask"}
+        return {**inputs, "input_ids": input_ids[0].tolist(), "labels": labels[0].tolist()}
 
 
 def mask_eval_dataset(eval_dataset, tokenizer, data_args, seed):
@@ -942,6 +976,16 @@ def save_adapter_files(model, folder, adapter_name, use_safetensors):
     save_file(unique, folder / "adapter.safetensors")
 
 
+class LogLossAtLastStep(TrainerCallback):
+    """Has the Trainer log the loss at the last step, so that train_loss is the loss of all processes: the Trainer
+    averages the loss over processes only when it logs, and adds the steps since its last log from this process
+    alone."""
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step >= state.max_steps:
+            control.should_log = True
+
+
 def build_trainer(model, tokenizer, data_collator, train_dataset, eval_dataset, training_args, adapter_args):
     trainer_class = Trainer
     trainer_kwargs = {}
@@ -956,8 +1000,9 @@ def build_trainer(model, tokenizer, data_collator, train_dataset, eval_dataset, 
         data_collator=data_collator,
         compute_metrics=compute_metrics if training_args.do_eval else None,
         preprocess_logits_for_metrics=preprocess_logits_for_metrics if training_args.do_eval else None,
+        compute_loss_func=loss_per_masked_token,
         # The masking collator learns the epoch from the Trainer, so that every epoch masks the text differently.
-        callbacks=[getattr(data_collator, "collator", data_collator)],
+        callbacks=[LogLossAtLastStep(), getattr(data_collator, "collator", data_collator)],
         **trainer_kwargs,
     )
 

@@ -332,8 +332,8 @@ def chained_group_texts(examples, block_size, with_labels):
         k: [t[i : i + block_size] for i in range(0, total_length, block_size)]
         for k, t in concatenated_examples.items()
     }
-    if with_labels:
-        result["labels"] = result["input_ids"].copy()
+    if with_labels:  # run_clm.py leaves a block's first token, which nothing predicts, out of the labels
+        result["labels"] = [[-100, *block[1:]] for block in result["input_ids"]]
     return result
 
 

@@ -242,10 +242,12 @@ def test_help_lists_every_argument():
         assert all(field.metadata.get("help") for field in dataclasses.fields(group))
 
 
-def test_accuracy_compares_each_prediction_with_the_next_token():
-    labels = np.array([[5, 6, 7, 8]])
+def test_accuracy_and_loss_compare_each_prediction_with_the_next_token():
+    labels = np.array([[-100, 6, 7, 8]])  # a block's first token is predicted by no position
     predictions = np.array([[6, 7, 0, 1]])  # right for tokens 6 and 7, wrong for 8; the last has no target
-    assert run_clm.compute_metrics(EvalPrediction(predictions, labels))["accuracy"] == pytest.approx(2 / 3)
+    losses = np.array([[1.0, 2.0, 6.0]], dtype=np.float32)  # of the predictions of 6, 7 and 8
+    metrics = run_clm.compute_metrics(EvalPrediction((predictions, losses), labels))
+    assert metrics["accuracy"] == pytest.approx(2 / 3) and metrics["loss"] == pytest.approx(3.0)
 
 
 def test_refuses_a_non_empty_output_dir_without_checkpoint_and_leaves_it_alone(assets, tmp_path):

@@ -20,6 +20,7 @@ import math
 import os
 import re
 import sys
+from collections import Counter
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -616,6 +617,24 @@ def setup_adapter(model, adapter_args):
     belongs_to_adapter = AdapterLoader(model).filter_func(adapter_args.adapter_name)
     for name, parameter in model.named_parameters():
         parameter.requires_grad = parameter.requires_grad and belongs_to_adapter(name)
+    name_layers_for_fsdp(model)
+
+
+def name_layers_for_fsdp(model):
+    """adapters.init turns a model's layers into subclasses (GPT2Block into GPT2BlockWithAdapters), but FSDP's
+    transformer-based wrap policy finds the layers to shard one by one through the class names in _no_split_modules,
+    and refuses a name that no module has: name the classes that the model has now. A class is left out if one of its
+    modules shares a weight with the rest of the model (RoBERTa's embeddings, tied to the LM head): FSDP2 shards a
+    weight in one group, so such a module stays in the model's own group."""
+    listed = set(model._no_split_modules or [])
+    references = Counter(id(parameter) for _, parameter in model.named_parameters(remove_duplicate=False))
+    wrappable, sharing = set(), set()
+    for module in model.modules():
+        if listed & {base.__name__ for base in type(module).__mro__}:
+            inside = Counter(id(parameter) for _, parameter in module.named_parameters(remove_duplicate=False))
+            shares = any(references[key] > count for key, count in inside.items())
+            (sharing if shares else wrappable).add(type(module).__name__)
+    model._no_split_modules = sorted(wrappable - sharing)
 
 
 def check_language_adapter_name(adapter_args):
@@ -939,7 +958,9 @@ class AdapterOnlyTrainer(AdapterTrainer):
 
     def _save(self, output_dir=None, state_dict=None):
         output_dir = Path(output_dir or self.args.output_dir)
-        save_adapter_files(self.model, output_dir / self.adapter_name, self.adapter_name, self.args.save_safetensors)
+        # A state_dict comes only under FSDP or DeepSpeed: gathered from the shards that each process holds.
+        save_adapter_files(self.model, output_dir / self.adapter_name, self.adapter_name, self.args.save_safetensors,
+                           gathered_state_dict=state_dict)
         if self.processing_class is not None:
             self.processing_class.save_pretrained(output_dir)
         torch.save(self.args, output_dir / "training_args.bin")
@@ -954,17 +975,25 @@ class AdapterOnlyTrainer(AdapterTrainer):
         self.model.load_adapter(str(folder), load_as=self.adapter_name, with_head=False, use_safetensors=True)
 
 
-def save_adapter_files(model, folder, adapter_name, use_safetensors):
+def save_adapter_files(model, folder, adapter_name, use_safetensors, gathered_state_dict=None):
     """Write the adapter as adapters' save_adapter does (adapter_config.json and the weights, no head), but name
     each tensor once: prefix tuning keeps one pool of weights that every layer also references, so the state dict
     names a tensor several times, which safetensors refuses to write. The shortest name is kept; loading it
-    restores the others, which are the same parameter."""
+    restores the others, which are the same parameter.
+
+    Under FSDP2 and DeepSpeed ZeRO-3 each process holds only a shard of every weight: the Trainer gathers the full
+    state dict from all processes first, and the adapter's weights are taken from it."""
     folder.mkdir(parents=True, exist_ok=True)
-    if not use_safetensors:  # torch.save keeps shared tensors shared
+    if gathered_state_dict is None and not use_safetensors:  # torch.save keeps shared tensors shared
         model.save_adapter(str(folder), adapter_name, with_head=False, use_safetensors=False)
         return
-    model.apply_to_adapter_layers(lambda _, layer: layer.pre_save_adapters())  # e.g. ReFT's contiguous weights
+    if gathered_state_dict is None:
+        model.apply_to_adapter_layers(lambda _, layer: layer.pre_save_adapters())  # e.g. ReFT's contiguous weights
     state_dict, config = AdapterLoader(model).save_to_state_dict(adapter_name)
+    if gathered_state_dict is not None:
+        state_dict = {key: gathered_state_dict[key] for key in state_dict}
+        # FSDP2 gives the model a subclass of its class, named FSDP<class>: name the class it was built as.
+        config["model_class"] = next(cls for cls in type(model).__mro__ if not cls.__name__.startswith("FSDP")).__name__
     unique, seen = {}, set()
     for key in sorted(state_dict, key=lambda key: (len(key), key)):
         tensor = state_dict[key]
@@ -973,7 +1002,10 @@ def save_adapter_files(model, folder, adapter_name, use_safetensors):
             seen.add(identity)
             unique[key] = tensor.contiguous()
     (folder / "adapter_config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
-    save_file(unique, folder / "adapter.safetensors")
+    if use_safetensors:
+        save_file(unique, folder / "adapter.safetensors")
+    else:
+        torch.save(unique, folder / "pytorch_adapter.bin")
 
 
 class LogLossAtLastStep(TrainerCallback):
@@ -1005,6 +1037,36 @@ def build_trainer(model, tokenizer, data_collator, train_dataset, eval_dataset, 
         callbacks=[LogLossAtLastStep(), getattr(data_collator, "collator", data_collator)],
         **trainer_kwargs,
     )
+
+
+def check_sharding(trainer, adapter_args):
+    """Refuse before training a sharding mode whose adapter could not be saved whole, and say so when a launcher's
+    FSDP or DeepSpeed configuration does not apply."""
+    for name, enabled in (("FSDP", trainer.is_fsdp_enabled), ("DeepSpeed", trainer.is_deepspeed_enabled)):
+        if os.environ.get(f"ACCELERATE_USE_{name.upper()}", "false").lower() == "true" and not enabled:
+            logger.warning(
+                f"{name} is configured, but accelerate runs it on GPUs and other accelerators only: on CPUs this run "
+                "is plain data parallel, each process holding the whole model."
+            )
+    if not adapter_args.train_adapter:
+        return
+    state = trainer.accelerator.state
+    if trainer.is_fsdp_enabled and state.fsdp_plugin.fsdp_version != 2:
+        raise UsageError(
+            "--train_adapter under FSDP needs fsdp_version: 2 in the accelerate config: with FSDP1 the adapter cannot "
+            "be saved from the sharded model (configs/fsdp.yaml is a configuration that works)."
+        )
+    if trainer.is_fsdp_enabled and "FULL_STATE_DICT" not in str(state.fsdp_plugin.state_dict_type):
+        raise UsageError(
+            f"--train_adapter under FSDP with {state.fsdp_plugin.state_dict_type} would save no adapter; set "
+            "fsdp_state_dict_type: FULL_STATE_DICT in the accelerate config."
+        )
+    zero = state.deepspeed_plugin.deepspeed_config.get("zero_optimization", {}) if trainer.is_deepspeed_enabled else {}
+    if zero.get("stage") == 3 and not zero.get("stage3_gather_16bit_weights_on_model_save", False):
+        raise UsageError(
+            "--train_adapter under DeepSpeed ZeRO-3 needs \"stage3_gather_16bit_weights_on_model_save\": true in "
+            "zero_optimization of the DeepSpeed config, or the adapter cannot be gathered to be saved."
+        )
 
 
 def train(trainer, train_dataset, last_checkpoint, training_args):
@@ -1139,6 +1201,7 @@ def main(argv=None):
     train_dataset, eval_dataset = select_samples(lm_datasets, data_args)
     eval_dataset = mask_eval_dataset(eval_dataset, tokenizer, data_args, training_args.seed)
     trainer = build_trainer(model, tokenizer, data_collator, train_dataset, eval_dataset, training_args, adapter_args)
+    check_sharding(trainer, adapter_args)
 
     metrics = {}
     if training_args.do_train:

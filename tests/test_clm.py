@@ -8,7 +8,7 @@ import sys
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import QUIET, read_json, run_script
+from conftest import QUIET, read_json, run_script, tiny_run_arguments
 from transformers import EvalPrediction, TrainingArguments
 
 import run_clm
@@ -240,6 +240,18 @@ def test_help_lists_every_argument():
         assert f"\n{headline}\n" in result.stdout
     for group in (run_clm.ModelArguments, run_clm.DataTrainingArguments, run_clm.AdapterGroupArguments):
         assert all(field.metadata.get("help") for field in dataclasses.fields(group))
+
+
+def test_train_loss_is_the_loss_per_predicted_token(assets, dropout_free, tmp_path):
+    # The Trainer divides the summed loss by the number of labels other than -100, so a block's first token, which
+    # nothing predicts, must not count: the first step's loss on 8 blocks is then the untrained model's eval loss on
+    # the same 8 blocks, not (n - 1) / n of it.
+    same_blocks = ["--validation_file", assets.train, "--max_train_samples", "8", "--per_device_train_batch_size", "8"]
+    untrained = run_clm.main(tiny_run_arguments(run_clm, assets, tmp_path / "eval", "--do_eval", *same_blocks,
+                                                eval_samples=8, model=dropout_free.gpt2))
+    first_step = run_clm.main(tiny_run_arguments(run_clm, assets, tmp_path / "train", "--do_train", "--max_steps", "1",
+                                                 *same_blocks, model=dropout_free.gpt2))
+    assert first_step["train_loss"] == pytest.approx(untrained["eval_loss"], abs=1e-5)
 
 
 def test_accuracy_and_loss_compare_each_prediction_with_the_next_token():

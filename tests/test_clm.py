@@ -2,6 +2,7 @@
 
 import dataclasses
 import json
+import logging
 import shutil
 import sys
 
@@ -312,3 +313,28 @@ def test_without_matplotlib_the_plot_is_skipped_silently(assets, tmp_path, monke
     summary = capsys.readouterr().out.split("***** summary *****")[1]
     assert "saved adapter:" in summary and "training curves" not in summary
     assert not (tmp_path / "training_curves.png").exists()
+
+
+def test_bf16_advice_follows_the_cpus_native_bf16(tmp_path, monkeypatch, caplog):
+    cpuinfo = tmp_path / "cpuinfo"
+    monkeypatch.setattr(run_clm, "CPUINFO", cpuinfo)
+    bf16 = run_clm.parse_arguments(["--output_dir", "unused", "--do_train", "--use_cpu", "--bf16"])[2]
+    fp32 = run_clm.parse_arguments(["--output_dir", "unused", "--do_train", "--use_cpu"])[2]
+
+    def warned(training_args):
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="run_clm"):
+            run_clm.warn_if_bf16_is_emulated(training_args)
+        return "--bf16 on a CPU without native bf16" in caplog.text
+
+    cpuinfo.write_text("processor\t: 0\nflags\t\t: fpu sse2 avx2 fma avx512f\n")  # like the AMD EPYC of the tests
+    assert run_clm.native_bf16_flags() == ()
+    assert warned(bf16) and not warned(fp32)
+    assert run_clm.bf16_tip(fp32) is None
+    cpuinfo.write_text("processor\t: 0\nflags\t\t: fpu avx512f avx512_bf16 amx_bf16 amx_tile\n")  # a Sapphire Rapids
+    assert run_clm.native_bf16_flags() == ("amx_bf16", "avx512_bf16")
+    assert not warned(bf16)
+    assert run_clm.bf16_tip(fp32).startswith("tip: this CPU has native bf16 (amx_bf16, avx512_bf16): --use_cpu --bf16")
+    assert run_clm.bf16_tip(bf16) is None
+    cpuinfo.unlink()  # not Linux: nothing is claimed either way
+    assert run_clm.native_bf16_flags() is None and not warned(bf16) and run_clm.bf16_tip(fp32) is None

@@ -9,6 +9,7 @@ and the shares are added in another order than one process adds them, which move
 apart. The models have no dropout, whose random draws would differ between processes.
 """
 
+import logging
 import os
 import socket
 import subprocess
@@ -172,3 +173,10 @@ def test_a_sharding_the_adapter_could_not_be_saved_from_is_refused(trainer, flag
 ], ids=["fsdp2-full-state-dict", "zero3-gathering", "zero2"])
 def test_a_sharding_the_adapter_can_be_saved_from_is_accepted(trainer):
     run_clm.check_sharding(trainer, SimpleNamespace(train_adapter=True))
+
+
+def test_an_fsdp_configuration_that_accelerate_drops_on_cpus_is_pointed_out(monkeypatch, caplog):
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")  # what `accelerate launch --config_file configs/fsdp.yaml` sets
+    with caplog.at_level(logging.WARNING, logger="run_clm"):
+        run_clm.check_sharding(trainer_with(), SimpleNamespace(train_adapter=True))  # data parallel after all
+    assert "FSDP is configured, but accelerate runs it on GPUs and other accelerators only" in caplog.text

@@ -852,10 +852,11 @@ class MaskingCollator(DataCollatorForLanguageModeling, TrainerCallback):
     """Masks training examples afresh in every epoch; validation examples, masked once beforehand, are only padded.
 
     Each training example's masks come from a generator seeded by the run's seed, the epoch and the example's own
-    tokens, before padding: not from the global random state, which the Trainer restores on resume only after it has
-    collated the first batch and which data loader workers each have their own of, nor from the rest of the batch,
-    which changes with the batch size and the number of processes. A run thus masks the same whether resumed or not,
-    on any number of processes, with any batch size. (Identical examples are masked alike within an epoch.)
+    tokens (before padding), never from the global random state nor from the rest of the batch: the Trainer restores
+    the global random state on resume only after it has collated the first batch, data loader workers each have
+    their own, and the rest of the batch changes with the batch size and the number of processes. So a run masks
+    the same whether resumed or not, on any number of processes and with any batch size. (Identical examples are
+    masked alike within an epoch.)
     """
 
     epoch = 0
@@ -880,8 +881,8 @@ class MaskingCollator(DataCollatorForLanguageModeling, TrainerCallback):
 
     def mask_example(self, example):
         tokens = torch.tensor([example["input_ids"]], dtype=torch.long)
-        key = f"{self.seed}/{self.epoch}".encode()
-        digest = hashlib.blake2b(tokens.numpy().tobytes(), digest_size=8, key=key).digest()
+        salt = f"{self.seed}/{self.epoch}".encode()
+        digest = hashlib.blake2b(tokens.numpy().tobytes(), digest_size=8, key=salt).digest()
         self.generator = torch.Generator().manual_seed(int.from_bytes(digest, "little"))
         # The tokenizer tells the special tokens, padding included, which are never masked: the Trainer has dropped
         # the special_tokens_mask column, an input the model does not take.
@@ -1055,7 +1056,8 @@ def build_trainer(model, tokenizer, data_collator, train_dataset, eval_dataset, 
         data_collator=data_collator,
         compute_metrics=compute_metrics if training_args.do_eval else None,
         preprocess_logits_for_metrics=preprocess_logits_for_metrics if training_args.do_eval else None,
-        compute_loss_func=loss_per_masked_token,
+        # The Trainer would skip --label_smoothing_factor for a compute_loss_func: a smoothed run keeps its loss.
+        compute_loss_func=None if training_args.label_smoothing_factor else loss_per_masked_token,
         # The masking collator learns the epoch from the Trainer, so that every epoch masks the text differently.
         callbacks=[LogLossAtLastStep(), getattr(data_collator, "collator", data_collator)],
         **trainer_kwargs,

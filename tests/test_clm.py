@@ -318,6 +318,8 @@ def test_without_matplotlib_the_plot_is_skipped_silently(assets, tmp_path, monke
 def test_bf16_advice_follows_the_cpus_native_bf16(tmp_path, monkeypatch, caplog):
     cpuinfo = tmp_path / "cpuinfo"
     monkeypatch.setattr(run_clm, "CPUINFO", cpuinfo)
+    # Parsing --bf16 sets ACCELERATE_MIXED_PRECISION=bf16 for the process, which later runs in it would inherit.
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "no")
     bf16 = run_clm.parse_arguments(["--output_dir", "unused", "--do_train", "--use_cpu", "--bf16"])[2]
     fp32 = run_clm.parse_arguments(["--output_dir", "unused", "--do_train", "--use_cpu"])[2]
 

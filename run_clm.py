@@ -20,6 +20,7 @@ import os
 import re
 import shutil
 import sys
+from collections import Counter
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -165,6 +166,10 @@ BUILT_IN_INTERFACES = {
 # Samples: a validation text is cut to its first tokens to make a prompt, which is continued by a few dozen more.
 SAMPLE_PROMPT_TOKENS = 16
 SAMPLE_NEW_TOKENS = 24
+# Where Linux lists the CPU's features, and those that compute bf16 matrix products natively (without them, CPU
+# autocast emulates bf16, far slower than fp32).
+CPUINFO = Path("/proc/cpuinfo")
+NATIVE_BF16_FLAGS = ("amx_bf16", "avx512_bf16")
 
 
 class UsageError(Exception):
@@ -427,6 +432,25 @@ def check_arguments(model_args, data_args, training_args, adapter_args, evaluati
     check_best_model_arguments(training_args)
     check_adapter_arguments(adapter_args)
     check_evaluation_arguments(evaluation_args, training_args)
+    warn_if_bf16_is_emulated(training_args)
+
+
+def native_bf16_flags():
+    """The CPU's native bf16 features named in /proc/cpuinfo: empty where it has none; None where there is no such
+    file to tell (not Linux)."""
+    try:
+        flags = set(CPUINFO.read_text().split())
+    except OSError:
+        return None
+    return tuple(flag for flag in NATIVE_BF16_FLAGS if flag in flags)
+
+
+def warn_if_bf16_is_emulated(training_args):
+    if training_args.bf16 and training_args.device.type == "cpu" and native_bf16_flags() == ():
+        logger.warning(
+            "--bf16 on a CPU without native bf16 (neither avx512_bf16 nor amx_bf16 in /proc/cpuinfo) is emulated: "
+            "training is far slower than in fp32 (0.03x measured by benchmarks/run_benchmark.py); drop --bf16."
+        )
 
 
 def check_model_arguments(model_args):
@@ -1072,6 +1096,24 @@ def setup_adapter(model, adapter_args):
     belongs_to_adapter = AdapterLoader(model).filter_func(adapter_args.adapter_name)
     for name, parameter in model.named_parameters():
         parameter.requires_grad = parameter.requires_grad and belongs_to_adapter(name)
+    name_layers_for_fsdp(model)
+
+
+def name_layers_for_fsdp(model):
+    """adapters.init turns a model's layers into subclasses (GPT2Block into GPT2BlockWithAdapters), but FSDP's
+    transformer-based wrap policy finds the layers to shard one by one through the class names in _no_split_modules,
+    and refuses a name that no module has: name the classes that the model has now. A class is left out if one of its
+    modules shares a weight with the rest of the model (RoBERTa's embeddings, tied to the LM head): FSDP2 shards a
+    weight in one group, so such a module stays in the model's own group."""
+    listed = set(model._no_split_modules or [])
+    references = Counter(id(parameter) for _, parameter in model.named_parameters(remove_duplicate=False))
+    wrappable, sharing = set(), set()
+    for module in model.modules():
+        if listed & {base.__name__ for base in type(module).__mro__}:
+            inside = Counter(id(parameter) for _, parameter in module.named_parameters(remove_duplicate=False))
+            shares = any(references[key] > count for key, count in inside.items())
+            (sharing if shares else wrappable).add(type(module).__name__)
+    model._no_split_modules = sorted(wrappable - sharing)
 
 
 def load_saved_adapter(model, flag, location, **load_kwargs):
@@ -1227,12 +1269,15 @@ def group_texts(batch, block_size):
     Each batch is cut on its own, dropping at most block_size - 1 tokens: the blocks of the list-chaining
     group_texts of the Hugging Face examples, in the same order, but no token ever becomes a Python object.
     Concatenated text is attended everywhere, so the attention mask is made here instead of tokenized. Labels are
-    the input ids (the model shifts them).
+    the input ids (the model shifts them), except -100 for each block's first token: no position predicts it, and
+    the Trainer divides the summed loss by the number of labels other than -100, which must be the number of
+    predicted tokens.
     """
     columns = {name: pc.list_flatten(batch.column(name)).to_numpy() for name in batch.column_names}
     usable = len(columns["input_ids"]) // block_size * block_size
     columns["attention_mask"] = np.ones(usable, dtype=np.int8)
-    columns["labels"] = columns["input_ids"]
+    columns["labels"] = columns["input_ids"][:usable].copy()
+    columns["labels"][::block_size] = -100
     return pa.table({
         name: pa.FixedSizeListArray.from_arrays(tokens[:usable], block_size) for name, tokens in columns.items()
     })
@@ -1269,19 +1314,36 @@ def take_first(dataset, count):
 
 
 def preprocess_logits_for_metrics(logits, labels):
-    # Keep only the predicted token ids: gathering full logits over an eval set would need vocab-size times the memory.
+    # Keep only the predicted token ids and each token's loss: gathering full logits over an eval set would need
+    # vocab-size times the memory.
     if isinstance(logits, tuple):
         logits = logits[0]
-    return logits.argmax(dim=-1)
+    # The logits at position i predict the token at position i + 1.
+    return logits.argmax(dim=-1), token_losses(logits[:, :-1], labels[:, 1:])
+
+
+def token_losses(logits, labels):
+    """The cross-entropy of each labelled token, 0 where the label is -100; in float32 whatever the model's dtype."""
+    losses = torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), reduction="none")
+    return losses.view_as(labels)
+
+
+def mean_token_loss(token_losses, labels):
+    """The eval loss as the mean over all labelled tokens. The Trainer's own is a mean of batch means, which moves
+    with the eval batch size and the number of processes whenever batches differ in their number of labelled tokens
+    (masked LM batches always do, a short last batch does for any model)."""
+    counted = labels != -100
+    return float(token_losses[counted].sum(dtype=np.float64) / counted.sum())
 
 
 def compute_metrics(eval_prediction):
-    predictions, labels = eval_prediction
+    (predictions, losses), labels = eval_prediction
     # The prediction at position i is for the token at position i + 1.
-    predictions = predictions[:, :-1].reshape(-1)
-    labels = labels[:, 1:].reshape(-1)
+    predictions = predictions[:, :-1]
+    labels = labels[:, 1:]
     counted = labels != -100
-    return {"accuracy": float((predictions[counted] == labels[counted]).mean())}
+    accuracy = float((predictions[counted] == labels[counted]).mean())
+    return {"accuracy": accuracy, "loss": mean_token_loss(losses, labels)}  # "loss" replaces the Trainer's eval_loss
 
 
 class PromptLabelCollator:
@@ -1374,7 +1436,7 @@ class LanguageModelingTrainer(Trainer):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        self.add_callback(LogAtEverySave)
+        self.add_callback(LogLossWhereItCounts)
         self.loss_sum_before_resume = 0.0
 
     def train(self, resume_from_checkpoint=None, **kwargs):
@@ -1399,12 +1461,13 @@ class LanguageModelingTrainer(Trainer):
         super()._save_checkpoint(model, trial)
 
 
-class LogAtEverySave(TrainerCallback):
-    """Logs the training loss whenever a checkpoint is saved: only at a log does the Trainer add the losses of the
-    last steps to the sum that the checkpoint keeps."""
+class LogLossWhereItCounts(TrainerCallback):
+    """Has the Trainer log the training loss at every checkpoint and at the last step. Only a log averages the loss
+    over the processes and adds it to the sum that train_loss comes from: the steps since the last log would
+    otherwise be counted from this process alone, and left out of the sum that a checkpoint keeps."""
 
     def on_step_end(self, args, state, control, **kwargs):
-        control.should_log = control.should_log or control.should_save
+        control.should_log = control.should_log or control.should_save or state.global_step >= state.max_steps
 
     on_epoch_end = on_step_end
 
@@ -1419,7 +1482,9 @@ class AdapterOnlyTrainer(LanguageModelingTrainer, AdapterTrainer):
 
     def _save(self, output_dir=None, state_dict=None):
         output_dir = Path(output_dir or self.args.output_dir)
-        save_adapter_files(self.model, output_dir / self.adapter_name, self.adapter_name, self.args.save_safetensors)
+        # A state_dict comes only under FSDP or DeepSpeed: gathered from the shards that each process holds.
+        save_adapter_files(self.model, output_dir / self.adapter_name, self.adapter_name, self.args.save_safetensors,
+                           gathered_state_dict=state_dict)
         if self.processing_class is not None:
             self.processing_class.save_pretrained(output_dir)
         torch.save(self.args, output_dir / "training_args.bin")
@@ -1472,17 +1537,25 @@ def log_message_dropped(logger_name, message_start):
         library_logger.removeFilter(keep)
 
 
-def save_adapter_files(model, folder, adapter_name, use_safetensors):
+def save_adapter_files(model, folder, adapter_name, use_safetensors, gathered_state_dict=None):
     """Write the adapter as adapters' save_adapter does (adapter_config.json and the weights, no head), but name
     each tensor once: prefix tuning keeps one pool of weights that every layer also references, so the state dict
     names a tensor several times, which safetensors refuses to write. The shortest name is kept; loading it
-    restores the others, which are the same parameter."""
+    restores the others, which are the same parameter.
+
+    Under FSDP2 and DeepSpeed ZeRO-3 each process holds only a shard of every weight: the Trainer gathers the full
+    state dict from all processes first, and the adapter's weights are taken from it."""
     folder.mkdir(parents=True, exist_ok=True)
-    if not use_safetensors:  # torch.save keeps shared tensors shared
+    if gathered_state_dict is None and not use_safetensors:  # torch.save keeps shared tensors shared
         model.save_adapter(str(folder), adapter_name, with_head=False, use_safetensors=False)
         return
-    model.apply_to_adapter_layers(lambda _, layer: layer.pre_save_adapters())  # e.g. ReFT's contiguous weights
+    if gathered_state_dict is None:
+        model.apply_to_adapter_layers(lambda _, layer: layer.pre_save_adapters())  # e.g. ReFT's contiguous weights
     state_dict, config = AdapterLoader(model).save_to_state_dict(adapter_name)
+    if gathered_state_dict is not None:
+        state_dict = {key: gathered_state_dict[key] for key in state_dict}
+        # FSDP2 gives the model a subclass of its class, named FSDP<class>: name the class it was built as.
+        config["model_class"] = next(cls for cls in type(model).__mro__ if not cls.__name__.startswith("FSDP")).__name__
     unique, seen = {}, set()
     for key in sorted(state_dict, key=lambda key: (len(key), key)):
         tensor = state_dict[key]
@@ -1491,7 +1564,10 @@ def save_adapter_files(model, folder, adapter_name, use_safetensors):
             seen.add(identity)
             unique[key] = tensor.contiguous()
     (folder / "adapter_config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
-    save_file(unique, folder / "adapter.safetensors")
+    if use_safetensors:
+        save_file(unique, folder / "adapter.safetensors")
+    else:
+        torch.save(unique, folder / "pytorch_adapter.bin")
     if interface := getattr(model.base_model, "adapter_interface", None):
         # As save_adapter does: the layer names that the adapter's weights are named after, for --adapter_interface.
         interface._save(str(folder), model.config)
@@ -1553,6 +1629,34 @@ def add_early_stopping(trainer, evaluation_args):
         trainer.add_callback(EarlyStoppingCallback(
             evaluation_args.early_stopping_patience, evaluation_args.early_stopping_threshold
         ))
+def check_sharding(trainer, adapter_args):
+    """Refuse before training a sharding mode whose adapter could not be saved whole, and say so when a launcher's
+    FSDP or DeepSpeed configuration does not apply."""
+    for name, enabled in (("FSDP", trainer.is_fsdp_enabled), ("DeepSpeed", trainer.is_deepspeed_enabled)):
+        if os.environ.get(f"ACCELERATE_USE_{name.upper()}", "false").lower() == "true" and not enabled:
+            logger.warning(
+                f"{name} is configured, but accelerate runs it on GPUs and other accelerators only: on CPUs this run "
+                "is plain data parallel, each process holding the whole model."
+            )
+    if not adapter_args.train_adapter:
+        return
+    state = trainer.accelerator.state
+    if trainer.is_fsdp_enabled and state.fsdp_plugin.fsdp_version != 2:
+        raise UsageError(
+            "--train_adapter under FSDP needs fsdp_version: 2 in the accelerate config: with FSDP1 the adapter cannot "
+            "be saved from the sharded model (configs/fsdp.yaml is a configuration that works)."
+        )
+    if trainer.is_fsdp_enabled and "FULL_STATE_DICT" not in str(state.fsdp_plugin.state_dict_type):
+        raise UsageError(
+            f"--train_adapter under FSDP with {state.fsdp_plugin.state_dict_type} would save no adapter; set "
+            "fsdp_state_dict_type: FULL_STATE_DICT in the accelerate config."
+        )
+    zero = state.deepspeed_plugin.deepspeed_config.get("zero_optimization", {}) if trainer.is_deepspeed_enabled else {}
+    if zero.get("stage") == 3 and not zero.get("stage3_gather_16bit_weights_on_model_save", False):
+        raise UsageError(
+            "--train_adapter under DeepSpeed ZeRO-3 needs \"stage3_gather_16bit_weights_on_model_save\": true in "
+            "zero_optimization of the DeepSpeed config, or the adapter cannot be gathered to be saved."
+        )
 
 
 def train(trainer, train_dataset, last_checkpoint, training_args):
@@ -1740,7 +1844,19 @@ def print_summary(trainer, metrics, tokens_per_example, curves, samples, trainin
             width = max(map(len, record)) + 1
             lines += [f"  {key + ':':{width}} {shorten(json.dumps(text, ensure_ascii=False), 100)}"
                       for key, text in record.items()]
+    tip = bf16_tip(training_args)
+    if tip:
+        lines.append(tip)
     print("\n".join(["***** summary *****", *(f"  {line}" for line in lines)]), flush=True)
+
+
+def bf16_tip(training_args):
+    """A line for the summary of an fp32 training run on a CPU with native bf16, where --bf16 is faster."""
+    flags = native_bf16_flags()
+    in_fp32_on_cpu = training_args.device.type == "cpu" and not (training_args.bf16 or training_args.fp16)
+    if training_args.do_train and in_fp32_on_cpu and flags:
+        return f"tip: this CPU has native bf16 ({', '.join(flags)}): --use_cpu --bf16 trains faster than fp32 on it"
+    return None
 
 
 def main(argv=None):
@@ -1766,6 +1882,7 @@ def main(argv=None):
         trainer = build_trainer(model, tokenizer, data_collator, train_dataset, eval_dataset, training_args,
                                 adapter_args)
         add_early_stopping(trainer, evaluation_args)
+        check_sharding(trainer, adapter_args)
 
         metrics = {}
         if training_args.do_train:

@@ -22,6 +22,7 @@ import os
 import re
 import shutil
 import sys
+from collections import Counter
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -170,6 +171,10 @@ BUILT_IN_INTERFACES = {
 # Samples: a validation text is cut to its first tokens to make a prompt, in which some tokens are masked to fill.
 SAMPLE_PROMPT_TOKENS = 16
 SAMPLE_MASKED_SHARE = 0.15
+# Where Linux lists the CPU's features, and those that compute bf16 matrix products natively (without them, CPU
+# autocast emulates bf16, far slower than fp32).
+CPUINFO = Path("/proc/cpuinfo")
+NATIVE_BF16_FLAGS = ("amx_bf16", "avx512_bf16")
 
 
 class UsageError(Exception):
@@ -447,6 +452,25 @@ def check_arguments(model_args, data_args, training_args, adapter_args, evaluati
     check_best_model_arguments(training_args)
     check_adapter_arguments(adapter_args)
     check_evaluation_arguments(evaluation_args, training_args)
+    warn_if_bf16_is_emulated(training_args)
+
+
+def native_bf16_flags():
+    """The CPU's native bf16 features named in /proc/cpuinfo: empty where it has none; None where there is no such
+    file to tell (not Linux)."""
+    try:
+        flags = set(CPUINFO.read_text().split())
+    except OSError:
+        return None
+    return tuple(flag for flag in NATIVE_BF16_FLAGS if flag in flags)
+
+
+def warn_if_bf16_is_emulated(training_args):
+    if training_args.bf16 and training_args.device.type == "cpu" and native_bf16_flags() == ():
+        logger.warning(
+            "--bf16 on a CPU without native bf16 (neither avx512_bf16 nor amx_bf16 in /proc/cpuinfo) is emulated: "
+            "training is far slower than in fp32 (0.03x measured by benchmarks/run_benchmark.py); drop --bf16."
+        )
 
 
 def check_model_arguments(model_args):
@@ -1099,6 +1123,24 @@ def setup_adapter(model, adapter_args):
     belongs_to_adapter = AdapterLoader(model).filter_func(adapter_args.adapter_name)
     for name, parameter in model.named_parameters():
         parameter.requires_grad = parameter.requires_grad and belongs_to_adapter(name)
+    name_layers_for_fsdp(model)
+
+
+def name_layers_for_fsdp(model):
+    """adapters.init turns a model's layers into subclasses (GPT2Block into GPT2BlockWithAdapters), but FSDP's
+    transformer-based wrap policy finds the layers to shard one by one through the class names in _no_split_modules,
+    and refuses a name that no module has: name the classes that the model has now. A class is left out if one of its
+    modules shares a weight with the rest of the model (RoBERTa's embeddings, tied to the LM head): FSDP2 shards a
+    weight in one group, so such a module stays in the model's own group."""
+    listed = set(model._no_split_modules or [])
+    references = Counter(id(parameter) for _, parameter in model.named_parameters(remove_duplicate=False))
+    wrappable, sharing = set(), set()
+    for module in model.modules():
+        if listed & {base.__name__ for base in type(module).__mro__}:
+            inside = Counter(id(parameter) for _, parameter in module.named_parameters(remove_duplicate=False))
+            shares = any(references[key] > count for key, count in inside.items())
+            (sharing if shares else wrappable).add(type(module).__name__)
+    model._no_split_modules = sorted(wrappable - sharing)
 
 
 def load_saved_adapter(model, flag, location, **load_kwargs):
@@ -1312,25 +1354,55 @@ def take_first(dataset, count):
 
 
 def preprocess_logits_for_metrics(logits, labels):
-    # Keep only the predicted token ids: gathering full logits over an eval set would need vocab-size times the memory.
+    # Keep only the predicted token ids and each token's loss: gathering full logits over an eval set would need
+    # vocab-size times the memory.
     if isinstance(logits, tuple):
         logits = logits[0]
-    return logits.argmax(dim=-1)
+    return logits.argmax(dim=-1), token_losses(logits, labels)
+
+
+def token_losses(logits, labels):
+    """The cross-entropy of each labelled token, 0 where the label is -100; in float32 whatever the model's dtype."""
+    losses = torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), reduction="none")
+    return losses.view_as(labels)
+
+
+def mean_token_loss(token_losses, labels):
+    """The eval loss as the mean over all labelled tokens. The Trainer's own is a mean of batch means, which moves
+    with the eval batch size and the number of processes whenever batches differ in their number of labelled tokens
+    (masked LM batches always do, a short last batch does for any model)."""
+    counted = labels != -100
+    return float(token_losses[counted].sum(dtype=np.float64) / counted.sum())
 
 
 def compute_metrics(eval_prediction):
-    predictions, labels = eval_prediction
+    (predictions, losses), labels = eval_prediction
     # Only the masked positions carry a label; every other position is -100.
     counted = labels != -100
-    return {"accuracy": float((predictions[counted] == labels[counted]).mean())}
+    accuracy = float((predictions[counted] == labels[counted]).mean())
+    return {"accuracy": accuracy, "loss": mean_token_loss(losses, labels)}  # "loss" replaces the Trainer's eval_loss
+
+
+def loss_per_masked_token(outputs, labels, num_items_in_batch=None):
+    """The training loss per masked token of the whole step, over every process and accumulated batch, as one process
+    with all of it would compute it: the model's own loss is a mean per batch, and batches differ in their number of
+    masked tokens. The Trainer counts the step's masked tokens (over all processes, unless
+    --average_tokens_across_devices false) and scales the loss by the number of processes, whose gradients are
+    averaged."""
+    logits = outputs["logits"] if isinstance(outputs, dict) else outputs[0]
+    count = (labels != -100).sum() if num_items_in_batch is None else num_items_in_batch
+    return token_losses(logits, labels).sum() / count
 
 
 class MaskingCollator(DataCollatorForLanguageModeling, TrainerCallback):
-    """Masks training batches afresh in every epoch; validation examples, masked once beforehand, are only padded.
+    """Masks training examples afresh in every epoch; validation examples, masked once beforehand, are only padded.
 
-    A training batch's masks come from a generator seeded by the run's seed, the epoch and the batch's tokens, not
-    from the global random state: the Trainer collates the first batch after a resume before it restores that
-    state, and data loader workers each have their own. A resumed run thus masks exactly as an uninterrupted one.
+    Each training example's masks come from a generator seeded by the run's seed, the epoch and the example's own
+    tokens (before padding), never from the global random state nor from the rest of the batch: the Trainer restores
+    the global random state on resume only after it has collated the first batch, data loader workers each have
+    their own, and the rest of the batch changes with the batch size and the number of processes. So a run masks
+    the same whether resumed or not, on any number of processes and with any batch size. (Identical examples are
+    masked alike within an epoch.)
     """
 
     epoch = 0
@@ -1340,7 +1412,7 @@ class MaskingCollator(DataCollatorForLanguageModeling, TrainerCallback):
 
     def torch_call(self, examples):
         if "labels" not in examples[0]:
-            return super().torch_call(examples)
+            examples = [self.mask_example(example) for example in examples]
         labels = [example["labels"] for example in examples]
         inputs = [{key: value for key, value in example.items() if key != "labels"} for example in examples]
         batch = self.tokenizer.pad(inputs, return_tensors="pt", pad_to_multiple_of=self.pad_to_multiple_of)
@@ -1353,11 +1425,16 @@ class MaskingCollator(DataCollatorForLanguageModeling, TrainerCallback):
         batch["labels"] = torch.tensor(padded, dtype=torch.long)
         return batch
 
-    def torch_mask_tokens(self, inputs, **masks):
-        key = f"{self.seed}/{self.epoch}".encode()
-        digest = hashlib.blake2b(inputs.numpy().tobytes(), digest_size=8, key=key).digest()
+    def mask_example(self, example):
+        tokens = torch.tensor([example["input_ids"]], dtype=torch.long)
+        salt = f"{self.seed}/{self.epoch}".encode()
+        digest = hashlib.blake2b(tokens.numpy().tobytes(), digest_size=8, key=salt).digest()
         self.generator = torch.Generator().manual_seed(int.from_bytes(digest, "little"))
-        return super().torch_mask_tokens(inputs, **masks)
+        # The tokenizer tells the special tokens, padding included, which are never masked: the Trainer has dropped
+        # the special_tokens_mask column, an input the model does not take.
+        input_ids, labels = self.torch_mask_tokens(tokens)
+        inputs = {key: value for key, value in example.items() if key != "special_tokens_mask"}
+        return {**inputs, "input_ids": input_ids[0].tolist(), "labels": labels[0].tolist()}
 
 
 def mask_eval_dataset(eval_dataset, tokenizer, data_args, seed):
@@ -1487,7 +1564,7 @@ class LanguageModelingTrainer(Trainer):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        self.add_callback(LogAtEverySave)
+        self.add_callback(LogLossWhereItCounts)
         self.loss_sum_before_resume = 0.0
 
     def train(self, resume_from_checkpoint=None, **kwargs):
@@ -1512,12 +1589,13 @@ class LanguageModelingTrainer(Trainer):
         super()._save_checkpoint(model, trial)
 
 
-class LogAtEverySave(TrainerCallback):
-    """Logs the training loss whenever a checkpoint is saved: only at a log does the Trainer add the losses of the
-    last steps to the sum that the checkpoint keeps."""
+class LogLossWhereItCounts(TrainerCallback):
+    """Has the Trainer log the training loss at every checkpoint and at the last step. Only a log averages the loss
+    over the processes and adds it to the sum that train_loss comes from: the steps since the last log would
+    otherwise be counted from this process alone, and left out of the sum that a checkpoint keeps."""
 
     def on_step_end(self, args, state, control, **kwargs):
-        control.should_log = control.should_log or control.should_save
+        control.should_log = control.should_log or control.should_save or state.global_step >= state.max_steps
 
     on_epoch_end = on_step_end
 
@@ -1532,7 +1610,9 @@ class AdapterOnlyTrainer(LanguageModelingTrainer, AdapterTrainer):
 
     def _save(self, output_dir=None, state_dict=None):
         output_dir = Path(output_dir or self.args.output_dir)
-        save_adapter_files(self.model, output_dir / self.adapter_name, self.adapter_name, self.args.save_safetensors)
+        # A state_dict comes only under FSDP or DeepSpeed: gathered from the shards that each process holds.
+        save_adapter_files(self.model, output_dir / self.adapter_name, self.adapter_name, self.args.save_safetensors,
+                           gathered_state_dict=state_dict)
         if self.processing_class is not None:
             self.processing_class.save_pretrained(output_dir)
         torch.save(self.args, output_dir / "training_args.bin")
@@ -1585,17 +1665,25 @@ def log_message_dropped(logger_name, message_start):
         library_logger.removeFilter(keep)
 
 
-def save_adapter_files(model, folder, adapter_name, use_safetensors):
+def save_adapter_files(model, folder, adapter_name, use_safetensors, gathered_state_dict=None):
     """Write the adapter as adapters' save_adapter does (adapter_config.json and the weights, no head), but name
     each tensor once: prefix tuning keeps one pool of weights that every layer also references, so the state dict
     names a tensor several times, which safetensors refuses to write. The shortest name is kept; loading it
-    restores the others, which are the same parameter."""
+    restores the others, which are the same parameter.
+
+    Under FSDP2 and DeepSpeed ZeRO-3 each process holds only a shard of every weight: the Trainer gathers the full
+    state dict from all processes first, and the adapter's weights are taken from it."""
     folder.mkdir(parents=True, exist_ok=True)
-    if not use_safetensors:  # torch.save keeps shared tensors shared
+    if gathered_state_dict is None and not use_safetensors:  # torch.save keeps shared tensors shared
         model.save_adapter(str(folder), adapter_name, with_head=False, use_safetensors=False)
         return
-    model.apply_to_adapter_layers(lambda _, layer: layer.pre_save_adapters())  # e.g. ReFT's contiguous weights
+    if gathered_state_dict is None:
+        model.apply_to_adapter_layers(lambda _, layer: layer.pre_save_adapters())  # e.g. ReFT's contiguous weights
     state_dict, config = AdapterLoader(model).save_to_state_dict(adapter_name)
+    if gathered_state_dict is not None:
+        state_dict = {key: gathered_state_dict[key] for key in state_dict}
+        # FSDP2 gives the model a subclass of its class, named FSDP<class>: name the class it was built as.
+        config["model_class"] = next(cls for cls in type(model).__mro__ if not cls.__name__.startswith("FSDP")).__name__
     unique, seen = {}, set()
     for key in sorted(state_dict, key=lambda key: (len(key), key)):
         tensor = state_dict[key]
@@ -1604,7 +1692,10 @@ def save_adapter_files(model, folder, adapter_name, use_safetensors):
             seen.add(identity)
             unique[key] = tensor.contiguous()
     (folder / "adapter_config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
-    save_file(unique, folder / "adapter.safetensors")
+    if use_safetensors:
+        save_file(unique, folder / "adapter.safetensors")
+    else:
+        torch.save(unique, folder / "pytorch_adapter.bin")
     if interface := getattr(model.base_model, "adapter_interface", None):
         # As save_adapter does: the layer names that the adapter's weights are named after, for --adapter_interface.
         interface._save(str(folder), model.config)
@@ -1657,6 +1748,8 @@ def build_trainer(model, tokenizer, data_collator, train_dataset, eval_dataset, 
         data_collator=data_collator,
         compute_metrics=compute_metrics if training_args.do_eval else None,
         preprocess_logits_for_metrics=preprocess_logits_for_metrics if training_args.do_eval else None,
+        # The Trainer would skip --label_smoothing_factor for a compute_loss_func: a smoothed run keeps its loss.
+        compute_loss_func=None if training_args.label_smoothing_factor else loss_per_masked_token,
         # The masking collator learns the epoch from the Trainer, so that every epoch masks the text differently.
         callbacks=[getattr(data_collator, "collator", data_collator)],
         **trainer_kwargs,
@@ -1668,6 +1761,34 @@ def add_early_stopping(trainer, evaluation_args):
         trainer.add_callback(EarlyStoppingCallback(
             evaluation_args.early_stopping_patience, evaluation_args.early_stopping_threshold
         ))
+def check_sharding(trainer, adapter_args):
+    """Refuse before training a sharding mode whose adapter could not be saved whole, and say so when a launcher's
+    FSDP or DeepSpeed configuration does not apply."""
+    for name, enabled in (("FSDP", trainer.is_fsdp_enabled), ("DeepSpeed", trainer.is_deepspeed_enabled)):
+        if os.environ.get(f"ACCELERATE_USE_{name.upper()}", "false").lower() == "true" and not enabled:
+            logger.warning(
+                f"{name} is configured, but accelerate runs it on GPUs and other accelerators only: on CPUs this run "
+                "is plain data parallel, each process holding the whole model."
+            )
+    if not adapter_args.train_adapter:
+        return
+    state = trainer.accelerator.state
+    if trainer.is_fsdp_enabled and state.fsdp_plugin.fsdp_version != 2:
+        raise UsageError(
+            "--train_adapter under FSDP needs fsdp_version: 2 in the accelerate config: with FSDP1 the adapter cannot "
+            "be saved from the sharded model (configs/fsdp.yaml is a configuration that works)."
+        )
+    if trainer.is_fsdp_enabled and "FULL_STATE_DICT" not in str(state.fsdp_plugin.state_dict_type):
+        raise UsageError(
+            f"--train_adapter under FSDP with {state.fsdp_plugin.state_dict_type} would save no adapter; set "
+            "fsdp_state_dict_type: FULL_STATE_DICT in the accelerate config."
+        )
+    zero = state.deepspeed_plugin.deepspeed_config.get("zero_optimization", {}) if trainer.is_deepspeed_enabled else {}
+    if zero.get("stage") == 3 and not zero.get("stage3_gather_16bit_weights_on_model_save", False):
+        raise UsageError(
+            "--train_adapter under DeepSpeed ZeRO-3 needs \"stage3_gather_16bit_weights_on_model_save\": true in "
+            "zero_optimization of the DeepSpeed config, or the adapter cannot be gathered to be saved."
+        )
 
 
 def train(trainer, train_dataset, last_checkpoint, training_args):
@@ -1879,7 +2000,19 @@ def print_summary(trainer, metrics, tokens_per_example, curves, samples, trainin
             width = max(map(len, record)) + 1
             lines += [f"  {key + ':':{width}} {shorten(json.dumps(text, ensure_ascii=False), 100)}"
                       for key, text in record.items()]
+    tip = bf16_tip(training_args)
+    if tip:
+        lines.append(tip)
     print("\n".join(["***** summary *****", *(f"  {line}" for line in lines)]), flush=True)
+
+
+def bf16_tip(training_args):
+    """A line for the summary of an fp32 training run on a CPU with native bf16, where --bf16 is faster."""
+    flags = native_bf16_flags()
+    in_fp32_on_cpu = training_args.device.type == "cpu" and not (training_args.bf16 or training_args.fp16)
+    if training_args.do_train and in_fp32_on_cpu and flags:
+        return f"tip: this CPU has native bf16 ({', '.join(flags)}): --use_cpu --bf16 trains faster than fp32 on it"
+    return None
 
 
 def main(argv=None):
@@ -1906,6 +2039,7 @@ def main(argv=None):
         trainer = build_trainer(model, tokenizer, data_collator, train_dataset, eval_dataset, training_args,
                                 adapter_args)
         add_early_stopping(trainer, evaluation_args)
+        check_sharding(trainer, adapter_args)
 
         metrics = {}
         if training_args.do_train:

@@ -53,6 +53,19 @@ def assets(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def dropout_free(assets, tmp_path_factory):
+    """The tiny GPT-2 and RoBERTa without dropout: a training step then computes the same however its batch is split
+    (dropout draws its random numbers per process)."""
+    folder = tmp_path_factory.mktemp("dropout-free")
+    return SimpleNamespace(
+        gpt2=make_tiny_assets.build_model("gpt2", assets.gpt2_tokenizer, folder / "gpt2", resid_pdrop=0.0,
+                                          embd_pdrop=0.0, attn_pdrop=0.0),
+        roberta=make_tiny_assets.build_model("roberta", assets.roberta_tokenizer, folder / "roberta",
+                                             hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0),
+    )
+
+
+@pytest.fixture(scope="session")
 def pretrained_gpt2(assets, tmp_path_factory):
     """A tiny GPT-2 fully trained for one epoch on docstrings: the 'pretrained' base that adapters adapt."""
     import run_clm
@@ -81,9 +94,9 @@ def length_flag(script):
     return "--block_size" if script.__name__ == "run_clm" else "--max_seq_length"
 
 
-def tiny_run_arguments(script, assets, output_dir, *extra, length=32, eval_samples=16):
-    """Arguments for a short run of run_clm.py or run_mlm.py on the tiny model of its kind."""
-    model = assets.tiny_gpt2 if script.__name__ == "run_clm" else assets.tiny_roberta
+def tiny_run_arguments(script, assets, output_dir, *extra, length=32, eval_samples=16, model=None):
+    """Arguments for a short run of run_clm.py or run_mlm.py on the tiny model of its kind (or on model)."""
+    model = model or (assets.tiny_gpt2 if script.__name__ == "run_clm" else assets.tiny_roberta)
     return [str(value) for value in [
         "--model_name_or_path", model, "--train_file", assets.train, "--validation_file", assets.validation,
         "--max_eval_samples", eval_samples, length_flag(script), length, "--per_device_train_batch_size", "4",

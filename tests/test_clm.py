@@ -2,13 +2,14 @@
 
 import dataclasses
 import json
+import logging
 import shutil
 import sys
 
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import QUIET, read_json, run_script
+from conftest import QUIET, read_json, run_script, tiny_run_arguments
 from transformers import EvalPrediction, TrainingArguments
 
 import run_clm
@@ -243,10 +244,24 @@ def test_help_lists_every_argument():
         assert all(field.metadata.get("help") for field in dataclasses.fields(group))
 
 
-def test_accuracy_compares_each_prediction_with_the_next_token():
-    labels = np.array([[5, 6, 7, 8]])
+def test_train_loss_is_the_loss_per_predicted_token(assets, dropout_free, tmp_path):
+    # The Trainer divides the summed loss by the number of labels other than -100, so a block's first token, which
+    # nothing predicts, must not count: the first step's loss on 8 blocks is then the untrained model's eval loss on
+    # the same 8 blocks, not (n - 1) / n of it.
+    same_blocks = ["--validation_file", assets.train, "--max_train_samples", "8", "--per_device_train_batch_size", "8"]
+    untrained = run_clm.main(tiny_run_arguments(run_clm, assets, tmp_path / "eval", "--do_eval", *same_blocks,
+                                                eval_samples=8, model=dropout_free.gpt2))
+    first_step = run_clm.main(tiny_run_arguments(run_clm, assets, tmp_path / "train", "--do_train", "--max_steps", "1",
+                                                 *same_blocks, model=dropout_free.gpt2))
+    assert first_step["train_loss"] == pytest.approx(untrained["eval_loss"], abs=1e-5)
+
+
+def test_accuracy_and_loss_compare_each_prediction_with_the_next_token():
+    labels = np.array([[-100, 6, 7, 8]])  # a block's first token is predicted by no position
     predictions = np.array([[6, 7, 0, 1]])  # right for tokens 6 and 7, wrong for 8; the last has no target
-    assert run_clm.compute_metrics(EvalPrediction(predictions, labels))["accuracy"] == pytest.approx(2 / 3)
+    losses = np.array([[1.0, 2.0, 6.0]], dtype=np.float32)  # of the predictions of 6, 7 and 8
+    metrics = run_clm.compute_metrics(EvalPrediction((predictions, losses), labels))
+    assert metrics["accuracy"] == pytest.approx(2 / 3) and metrics["loss"] == pytest.approx(3.0)
 
 
 def test_refuses_a_non_empty_output_dir_without_checkpoint_and_leaves_it_alone(assets, tmp_path):
@@ -317,3 +332,28 @@ def test_empty_cells_are_skipped_and_counted(assets, tmp_path, caplog):
                                     "--do_eval", "--log_level", "info"))
     assert "Skipping 25 empty texts of the validation data." in caplog.text
     assert metrics["eval_samples"] == block_count(assets.tiny_gpt2, [line for i, line in enumerate(lines) if i % 4], 64)
+def test_bf16_advice_follows_the_cpus_native_bf16(tmp_path, monkeypatch, caplog):
+    cpuinfo = tmp_path / "cpuinfo"
+    monkeypatch.setattr(run_clm, "CPUINFO", cpuinfo)
+    # Parsing --bf16 sets ACCELERATE_MIXED_PRECISION=bf16 for the process, which later runs in it would inherit.
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "no")
+    bf16 = run_clm.parse_arguments(["--output_dir", "unused", "--do_train", "--use_cpu", "--bf16"])[2]
+    fp32 = run_clm.parse_arguments(["--output_dir", "unused", "--do_train", "--use_cpu"])[2]
+
+    def warned(training_args):
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="run_clm"):
+            run_clm.warn_if_bf16_is_emulated(training_args)
+        return "--bf16 on a CPU without native bf16" in caplog.text
+
+    cpuinfo.write_text("processor\t: 0\nflags\t\t: fpu sse2 avx2 fma avx512f\n")  # like the AMD EPYC of the tests
+    assert run_clm.native_bf16_flags() == ()
+    assert warned(bf16) and not warned(fp32)
+    assert run_clm.bf16_tip(fp32) is None
+    cpuinfo.write_text("processor\t: 0\nflags\t\t: fpu avx512f avx512_bf16 amx_bf16 amx_tile\n")  # a Sapphire Rapids
+    assert run_clm.native_bf16_flags() == ("amx_bf16", "avx512_bf16")
+    assert not warned(bf16)
+    assert run_clm.bf16_tip(fp32).startswith("tip: this CPU has native bf16 (amx_bf16, avx512_bf16): --use_cpu --bf16")
+    assert run_clm.bf16_tip(bf16) is None
+    cpuinfo.unlink()  # not Linux: nothing is claimed either way
+    assert run_clm.native_bf16_flags() is None and not warned(bf16) and run_clm.bf16_tip(fp32) is None

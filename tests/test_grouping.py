@@ -2,10 +2,11 @@
 
 Both scripts concatenate a batch of tokenized texts (an Arrow table, as `datasets` hands it over in Arrow format)
 and cut it into blocks of block_size tokens, dropping the remainder of each batch, with an attention mask of ones;
-run_clm.py also adds labels equal to the input ids. The reference below does the same with plain Python lists, as
-the Hugging Face examples do with the tokenizer's attention masks, and every case must give the same blocks in the
-same order: random text lengths and block sizes (hypothesis), remainders, empty texts, empty batches, and batches
-of the size `datasets` hands over. And a file given as both training and validation data is grouped once.
+run_clm.py also adds labels equal to the input ids, but -100 for each block's first token. The reference below does
+the same with plain Python lists, as the Hugging Face examples do with the tokenizer's attention masks, and every
+case must give the same blocks in the same order: random text lengths and block sizes (hypothesis), remainders,
+empty texts, empty batches, and batches of the size `datasets` hands over. And a file given as both training and
+validation data is grouped once.
 """
 
 from itertools import chain
@@ -60,7 +61,7 @@ def check_same_blocks(lengths, block_size, first_id=0):
     assert as_lists(run_mlm.group_texts(as_arrow(batch, ["input_ids", "special_tokens_mask"]), block_size)) == (
         mlm_expected)
     clm_expected = {key: mlm_expected[key] for key in ("input_ids", "attention_mask")}
-    clm_expected["labels"] = mlm_expected["input_ids"]
+    clm_expected["labels"] = [[-100, *block[1:]] for block in mlm_expected["input_ids"]]
     assert as_lists(run_clm.group_texts(as_arrow(batch, ["input_ids"]), block_size)) == clm_expected
 
 

@@ -67,11 +67,11 @@ def evaluate(assets, output_dir, *extra):
 def test_evaluation_masks_are_fixed_by_the_seed(assets, tmp_path):
     first = evaluate(assets, tmp_path / "first")
     assert evaluate(assets, tmp_path / "again")["eval_loss"] == first["eval_loss"]
-    # Neither the batch size nor the cache decides the masks, only the seed. (The loss is a mean of batch means,
-    # so compare accuracy, which counts over all masked tokens at once.)
+    # Neither the batch size nor the cache decides the masks, only the seed; and the loss is a mean per masked token,
+    # not a mean of batch means, which would move with the number of masked tokens in each batch.
     rebatched = evaluate(assets, tmp_path / "batch", "--per_device_eval_batch_size", "3", "--overwrite_cache")
     assert rebatched["eval_accuracy"] == first["eval_accuracy"]
-    assert rebatched["eval_loss"] == pytest.approx(first["eval_loss"], abs=1e-3)
+    assert rebatched["eval_loss"] == pytest.approx(first["eval_loss"], abs=1e-6)
     assert evaluate(assets, tmp_path / "other-seed", "--seed", "8")["eval_loss"] != pytest.approx(
         first["eval_loss"], abs=1e-4)
 
@@ -79,7 +79,7 @@ def test_evaluation_masks_are_fixed_by_the_seed(assets, tmp_path):
 def test_training_masks_follow_seed_epoch_and_tokens_not_the_global_random_state(assets):
     tokenizer = AutoTokenizer.from_pretrained(assets.roberta_tokenizer)
     sentence = "the quick brown fox jumps over the lazy dog " * 8
-    examples = [tokenizer(sentence, return_special_tokens_mask=True)]
+    examples = [tokenizer(sentence)]
 
     def masks(seed=7, epoch=0, batch=examples):
         collator = run_mlm.MaskingCollator(tokenizer=tokenizer, mlm_probability=0.15, seed=seed)
@@ -91,7 +91,7 @@ def test_training_masks_follow_seed_epoch_and_tokens_not_the_global_random_state
     assert torch.equal(masks(), first)
     assert not torch.equal(masks(epoch=1), first)  # dynamic masking: every epoch masks the text differently
     assert not torch.equal(masks(seed=8), first)
-    other_text = [tokenizer(sentence.replace("fox", "cat"), return_special_tokens_mask=True)]
+    other_text = [tokenizer(sentence.replace("fox", "cat"))]
     assert not torch.equal(masks(batch=other_text) != -100, first != -100)
     masked = first != -100
     assert 0 < masked.float().mean() < 0.4
@@ -160,10 +160,13 @@ def test_model_type_roberta_with_config_overrides(assets, tmp_path):
     assert metrics["perplexity"] < 900
 
 
-def test_accuracy_counts_masked_positions_only():
+def test_accuracy_and_loss_count_masked_positions_only():
     labels = np.array([[-100, 5, -100, 7], [8, -100, -100, -100]])
     predictions = np.array([[1, 5, 2, 0], [8, 3, 3, 3]])  # right on 5 and 8, wrong on 7; unmasked ones ignored
-    assert run_mlm.compute_metrics(EvalPrediction(predictions, labels))["accuracy"] == pytest.approx(2 / 3)
+    losses = np.array([[9.0, 1.0, 9.0, 2.0], [6.0, 9.0, 9.0, 9.0]], dtype=np.float32)
+    metrics = run_mlm.compute_metrics(EvalPrediction((predictions, losses), labels))
+    # A mean per masked token: (1 + 2 + 6) / 3, not the mean of the rows' means (1.5 + 6) / 2.
+    assert metrics["accuracy"] == pytest.approx(2 / 3) and metrics["loss"] == pytest.approx(3.0)
 
 
 def test_help_lists_every_argument():

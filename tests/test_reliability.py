@@ -1,4 +1,4 @@
-"""Runs that must hold up: the same result twice, a SIGKILL in the middle, and two processes under torchrun."""
+"""Runs that must hold up: the same result twice, and a SIGKILL in the middle (several processes: test_distributed)."""
 
 import os
 import signal
@@ -8,7 +8,7 @@ import time
 from contextlib import contextmanager
 
 import pytest
-from conftest import REPO, read_json, tiny_run_arguments
+from conftest import read_json, tiny_run_arguments
 
 import run_clm
 import run_mlm
@@ -51,22 +51,6 @@ def test_a_run_killed_with_sigkill_resumes_to_the_uninterrupted_result(script, a
     assert resumed_results["eval_loss"] == pytest.approx(uninterrupted["eval_loss"], abs=1e-4)
     # The Trainer alone would divide the second session's losses by all 40 steps.
     assert resumed_results["train_loss"] == pytest.approx(uninterrupted["train_loss"], abs=1e-4)
-
-
-@pytest.mark.parametrize("script", ["run_clm.py", "run_mlm.py"])
-def test_torchrun_with_two_processes(script, assets, tmp_path):
-    module = run_clm if script == "run_clm.py" else run_mlm
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-               str(REPO / script), *arguments(module, assets, tmp_path, "--max_steps", "4")]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert read_json(tmp_path / "trainer_state.json")["global_step"] == 4
-    results = read_json(tmp_path / "all_results.json")
-    assert results["eval_samples"] == 24 and "train_loss" in results
-    adapter_name = "clm" if module is run_clm else "mlm"
-    assert (tmp_path / adapter_name / "adapter_config.json").is_file()
-    assert result.stdout.count("***** summary *****") == 1  # only the main process reports
 
 
 @contextmanager

@@ -22,6 +22,7 @@ ALLOWED_TO_DIFFER = {
     "preprocess": "--line_by_line and the special-tokens mask that masking needs",
     "group_texts": "causal LM labels are the inputs",
     "no_block_message": "--line_by_line has lines, not blocks",
+    "preprocess_logits_for_metrics": "a causal LM's logits predict the next token's loss",
     "compute_metrics": "next-token accuracy vs accuracy on masked tokens",
     "build_data_collator": "masking",
     "build_trainer": "the masking collator follows the epoch as a callback",

@@ -1,0 +1,182 @@
+"""Beyond one process: launched on two processes (torchrun on one node or two, accelerate with FSDP), a run computes
+what one process computes with the whole batch.
+
+Two processes with B examples each take the same steps on the same examples as one process with 2B, so the reported
+train_loss, eval_loss and eval accuracy must agree up to float rounding: each process sums the losses of its share,
+and the shares are added in another order than one process adds them, which moves a float32 loss of about 7 by
+~1e-7 per step (measured: at most 7e-7 here). A real difference is 1e-3 or more (3.4e-3 in run_clm's train_loss and
+1.5e-2 in run_mlm's before the scripts averaged over all processes and masked per example), so 1e-5 tells them
+apart. The models have no dropout, whose random draws would differ between processes.
+"""
+
+import logging
+import os
+import socket
+import subprocess
+import sys
+from types import SimpleNamespace
+
+import pytest
+import torch
+from conftest import REPO, read_json, tiny_run_arguments
+from safetensors.torch import load_file
+from transformers import AutoTokenizer
+
+import run_clm
+import run_mlm
+
+MODES = {"adapter": ["--train_adapter"], "full": []}
+METRICS = ("train_loss", "eval_loss", "eval_accuracy")
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+def arguments(script, assets, dropout_free, output_dir, mode, *extra):
+    # 24 validation examples in batches of 5: the last batch is short, and split unevenly over two processes.
+    model = dropout_free.gpt2 if script is run_clm else dropout_free.roberta
+    return tiny_run_arguments(script, assets, output_dir, "--do_train", "--do_eval", "--max_steps", "3",
+                              "--per_device_eval_batch_size", "5", *MODES[mode], *extra, eval_samples=24, model=model)
+
+
+@pytest.fixture(scope="module")
+def one_process(assets, dropout_free, tmp_path_factory):
+    """Runs one process with 8 examples per batch, once per script and mode; returns its output folder."""
+    done = {}
+
+    def run(script, mode):
+        if (script, mode) not in done:
+            output_dir = tmp_path_factory.mktemp(f"one-process-{script.__name__}-{mode}")
+            script.main(arguments(script, assets, dropout_free, output_dir, mode, "--per_device_train_batch_size", "8"))
+            done[script, mode] = output_dir
+        return done[script, mode]
+
+    return run
+
+
+def free_port():
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def launch(launcher, script, args, logs):
+    """Start two processes with 4 examples per batch each, as a user would; returns their combined output."""
+    script_path = str(REPO / f"{script.__name__}.py")
+    torchrun = [sys.executable, "-m", "torch.distributed.run"]
+    if launcher == "one node":
+        commands = [[*torchrun, "--standalone", "--nproc_per_node", "2", script_path, *args]]
+    elif launcher == "two nodes":  # what a job on two machines starts, one launch per machine
+        endpoint = f"127.0.0.1:{free_port()}"
+        commands = [[*torchrun, "--nnodes", "2", "--node_rank", str(rank), "--nproc_per_node", "1", "--rdzv_backend",
+                     "c10d", "--rdzv_endpoint", endpoint, script_path, *args] for rank in (0, 1)]
+    else:  # FSDP through accelerate with the shipped configuration
+        commands = [[sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+                     str(REPO / "configs/fsdp.yaml"), str(REPO / "tests/cpu_fsdp.py"), script_path, *args]]
+    log_paths = [logs / f"launch-{index}.log" for index in range(len(commands))]
+    processes = [subprocess.Popen(command, stdout=path.open("w"), stderr=subprocess.STDOUT, text=True, env=ENV)
+                 for command, path in zip(commands, log_paths)]
+    statuses = [process.wait(timeout=600) for process in processes]
+    output = "".join(path.read_text() for path in log_paths)
+    assert statuses == [0] * len(processes), output[-3000:]
+    return output
+
+
+@pytest.mark.parametrize("script, mode, launcher", [
+    (run_clm, "adapter", "one node"),
+    (run_mlm, "full", "one node"),
+    (run_clm, "full", "two nodes"),
+    (run_mlm, "adapter", "two nodes"),
+], ids=["clm-adapter-torchrun", "mlm-full-torchrun", "clm-full-two-nodes", "mlm-adapter-two-nodes"])
+def test_two_processes_report_what_one_reports_with_twice_the_batch(script, mode, launcher, assets, dropout_free,
+                                                                     one_process, tmp_path):
+    output_dir = tmp_path / "out"
+    output = launch(launcher, script, arguments(script, assets, dropout_free, output_dir, mode), tmp_path)
+    single = read_json(one_process(script, mode) / "all_results.json")
+    double = read_json(output_dir / "all_results.json")
+    for key in METRICS:
+        assert double[key] == pytest.approx(single[key], abs=1e-5), key
+    assert read_json(output_dir / "trainer_state.json")["global_step"] == 3
+    assert double["eval_samples"] == 24
+    adapter_name = script.__name__.removeprefix("run_")  # the default --adapter_name
+    assert (output_dir / (f"{adapter_name}/adapter_config.json" if mode == "adapter" else "config.json")).is_file()
+    assert output.count("***** summary *****") == 1  # only the main process reports
+
+
+def test_fsdp_trains_and_saves_the_whole_adapter(assets, dropout_free, one_process, tmp_path):
+    # run_clm only: accelerate 1.15 cannot shard RoBERTa's LM head with FSDP2 (its bias is tied to lm_head.bias).
+    output_dir = tmp_path / "out"
+    launch("fsdp", run_clm, arguments(run_clm, assets, dropout_free, output_dir, "adapter"), tmp_path)
+    single_dir = one_process(run_clm, "adapter")
+    single, sharded = read_json(single_dir / "all_results.json"), read_json(output_dir / "all_results.json")
+    for key in METRICS:
+        assert sharded[key] == pytest.approx(single[key], abs=1e-5), key
+    # Every weight of the adapter, whole, though each process held half of each: gathered before it was written.
+    weights, single_weights = load_file(output_dir / "clm/adapter.safetensors"), load_file(
+        single_dir / "clm/adapter.safetensors")
+    assert weights.keys() == single_weights.keys()
+    assert all(torch.allclose(weights[key], single_weights[key], atol=1e-6) for key in weights)
+    assert (output_dir / "clm/adapter_config.json").read_text() == (single_dir / "clm/adapter_config.json").read_text()
+    reloaded = run_clm.main(tiny_run_arguments(
+        run_clm, assets, tmp_path / "reloaded", "--do_eval", "--train_adapter", "--load_adapter", output_dir / "clm",
+        "--per_device_eval_batch_size", "5", eval_samples=24, model=dropout_free.gpt2))
+    assert reloaded["eval_loss"] == pytest.approx(single["eval_loss"], abs=1e-5)
+
+
+def test_a_batch_split_over_processes_is_masked_as_the_whole_batch(assets):
+    tokenizer = AutoTokenizer.from_pretrained(assets.roberta_tokenizer)
+    texts = ["the quick brown fox jumps over the lazy dog " * 6, "a short line", "another line of text " * 3,
+             "the quick brown fox jumps over the lazy dog " * 6]  # the same text twice: masked alike
+    examples = [tokenizer(text) for text in texts]  # of different lengths: batches are padded
+    collator = run_mlm.MaskingCollator(tokenizer=tokenizer, mlm_probability=0.15, seed=7)
+    collator.on_epoch_begin(None, SimpleNamespace(epoch=1.5), None)
+
+    def masked(batch):
+        padded = collator(batch)
+        lengths = [len(example["input_ids"]) for example in batch]  # without the padding
+        return [(padded["input_ids"][row, :n], padded["labels"][row, :n]) for row, n in enumerate(lengths)]
+
+    whole = masked(examples)
+    halves = masked(examples[:2]) + masked(examples[2:])  # two processes
+    singles = [pair for example in examples for pair in masked([example])]  # batch size 1
+    reordered = masked(examples[::-1])[::-1]
+    for split in (halves, singles, reordered):
+        assert all(torch.equal(a, c) and torch.equal(b, d) for (a, b), (c, d) in zip(split, whole))
+    assert (whole[0][1] != -100).any() and torch.equal(whole[0][1], whole[3][1])
+    padded = collator(examples)["labels"]
+    assert (padded[1, len(examples[1]["input_ids"]):] == -100).all()  # padding is never a masked token
+
+
+def trainer_with(fsdp=None, deepspeed=None):
+    """A stand-in for a Trainer under FSDP or DeepSpeed, with what check_sharding reads."""
+    state = SimpleNamespace(fsdp_plugin=fsdp, deepspeed_plugin=deepspeed)
+    return SimpleNamespace(is_fsdp_enabled=fsdp is not None, is_deepspeed_enabled=deepspeed is not None,
+                           accelerator=SimpleNamespace(state=state))
+
+
+@pytest.mark.parametrize("trainer, flagged", [
+    (trainer_with(fsdp=SimpleNamespace(fsdp_version=1, state_dict_type="FULL_STATE_DICT")), "fsdp_version: 2"),
+    (trainer_with(fsdp=SimpleNamespace(fsdp_version=2, state_dict_type="SHARDED_STATE_DICT")), "FULL_STATE_DICT"),
+    (trainer_with(deepspeed=SimpleNamespace(deepspeed_config={"zero_optimization": {"stage": 3}})),
+     "stage3_gather_16bit_weights_on_model_save"),
+], ids=["fsdp1", "sharded-state-dict", "zero3-without-gathering"])
+def test_a_sharding_the_adapter_could_not_be_saved_from_is_refused(trainer, flagged):
+    adapter_args = SimpleNamespace(train_adapter=True)
+    with pytest.raises(run_clm.UsageError, match=flagged):
+        run_clm.check_sharding(trainer, adapter_args)
+    run_clm.check_sharding(trainer, SimpleNamespace(train_adapter=False))  # the Trainer saves a whole model itself
+
+
+@pytest.mark.parametrize("trainer", [
+    trainer_with(fsdp=SimpleNamespace(fsdp_version=2, state_dict_type="StateDictType.FULL_STATE_DICT")),
+    trainer_with(deepspeed=SimpleNamespace(deepspeed_config={"zero_optimization": {
+        "stage": 3, "stage3_gather_16bit_weights_on_model_save": True}})),
+    trainer_with(deepspeed=SimpleNamespace(deepspeed_config={"zero_optimization": {"stage": 2}})),
+], ids=["fsdp2-full-state-dict", "zero3-gathering", "zero2"])
+def test_a_sharding_the_adapter_can_be_saved_from_is_accepted(trainer):
+    run_clm.check_sharding(trainer, SimpleNamespace(train_adapter=True))
+
+
+def test_an_fsdp_configuration_that_accelerate_drops_on_cpus_is_pointed_out(monkeypatch, caplog):
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")  # what `accelerate launch --config_file configs/fsdp.yaml` sets
+    with caplog.at_level(logging.WARNING, logger="run_clm"):
+        run_clm.check_sharding(trainer_with(), SimpleNamespace(train_adapter=True))  # data parallel after all
+    assert "FSDP is configured, but accelerate runs it on GPUs and other accelerators only" in caplog.text

@@ -81,6 +81,8 @@ FIX_DATA_FILE = "fix the file, or give it the extension of its format"
 LOSS_SUM_FILE = "train_loss_sum.json"
 # Held by the run writing into --output_dir, and removed when it ends.
 LOCK_FILE = ".run.lock"
+# The mixed precision that `accelerate launch` asked for, if any.
+LAUNCHER_PRECISION = os.environ.get("ACCELERATE_MIXED_PRECISION")
 
 # Layer names of decoder families that adapters has no model code for, in the fields of its plugin interface
 # (adapters.AdapterModelInterface); --adapter_interface FILE.json gives the same fields for any other model.
@@ -372,6 +374,12 @@ def parse_arguments(argv):
         (ModelArguments, DataTrainingArguments, TrainingArguments, AdapterGroupArguments, EvaluationArguments)
     )
     argv = sys.argv[1:] if argv is None else list(argv)
+    # TrainingArguments writes the precision it chooses into the environment, where a later run in this process
+    # would take it for the launcher's setting: each run starts from the launcher's.
+    if LAUNCHER_PRECISION is None:
+        os.environ.pop("ACCELERATE_MIXED_PRECISION", None)
+    else:
+        os.environ["ACCELERATE_MIXED_PRECISION"] = LAUNCHER_PRECISION
     try:
         if len(argv) == 1 and argv[0].endswith(".json"):
             return parser.parse_dict(read_json_arguments(Path(argv[0])))

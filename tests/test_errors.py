@@ -1,6 +1,7 @@
 """Bad input costs seconds: one line naming the flag and the fix, exit status 2, no traceback, nothing touched."""
 
 import json
+import os
 import shutil
 from types import SimpleNamespace
 
@@ -288,3 +289,10 @@ def test_half_precision_flags_without_a_gpu_name_the_flag_and_the_fix(assets, tm
                                           "--train_adapter", *flags]]
     assert run_clm.cli(arguments) == 2
     assert expected in capsys.readouterr().err.strip().splitlines()[-1]
+
+
+def test_a_run_in_half_precision_leaves_no_precision_to_the_next_run_in_the_process():
+    # TrainingArguments writes --bf16 into the environment, where the next TrainingArguments would find it.
+    assert run_clm.parse_arguments(["--output_dir", "x", "--use_cpu", "--bf16"])[2].bf16
+    run_clm.parse_arguments(["--output_dir", "x", "--use_cpu"])
+    assert os.environ.get("ACCELERATE_MIXED_PRECISION", "no") == "no"

@@ -13,8 +13,10 @@ Run `python run_mlm.py --help` for every flag. Perplexity and accuracy on the ma
 """
 
 import codecs
+import copy
 import errno
 import hashlib
+import importlib.util
 import json
 import logging
 import math
@@ -22,9 +24,10 @@ import os
 import re
 import shutil
 import sys
+import tempfile
 from collections import Counter
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Optional
 
@@ -49,6 +52,7 @@ from transformers import (
     AutoConfig,
     AutoModelForMaskedLM,
     AutoTokenizer,
+    BitsAndBytesConfig,
     DataCollatorForLanguageModeling,
     EarlyStoppingCallback,
     HfArgumentParser,
@@ -61,11 +65,12 @@ from transformers import (
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 import adapters
-from adapters import AdapterArguments, AdapterConfig, AdapterModelInterface, AdapterTrainer, ConfigUnion
-from adapters import PromptTuningConfig, Stack
+from adapters import ADAPTER_CONFIG_MAP, AdapterArguments, AdapterConfig, AdapterModelInterface, AdapterTrainer
+from adapters import ConfigUnion, LoRAConfig, MTLLoRAConfig, PromptTuningConfig, Stack
 from adapters.configuration.adapter_config import ReftConfig
 from adapters.loading import AdapterLoader
 from adapters.methods import METHOD_INIT_MAPPING
+from adapters.methods.lora import LoRAMergedLinear
 
 logger = logging.getLogger(__name__)
 
@@ -250,6 +255,20 @@ class ModelArguments:
             "memory and time for large models."
         },
     )
+    load_in_4bit: bool = field(
+        default=False,
+        metadata={
+            "help": "QLoRA-style: load the pretrained model's linear layers quantized to 4 bits (NF4 with double "
+            "quantization, by bitsandbytes) and train an adapter on top of them in fp32. Needs --train_adapter and "
+            "`pip install -r requirements-quantization.txt`."
+        },
+    )
+    load_in_8bit: bool = field(
+        default=False,
+        metadata={
+            "help": "Like --load_in_4bit, with the linear layers quantized to 8 bits (LLM.int8 by bitsandbytes)."
+        },
+    )
 
 
 @dataclass
@@ -341,6 +360,14 @@ class AdapterGroupArguments(AdapterArguments):
             "help": "A .json file naming the model's layers for adapters' plugin interface (the fields of "
             "adapters.AdapterModelInterface), for a model type that adapters and the built-in interfaces do not "
             "cover; see README.md. The adapter_interface.json saved with such an adapter is such a file."
+        },
+    )
+    merge_adapter: bool = field(
+        default=False,
+        metadata={
+            "help": "After training (or with --load_adapter, without it), also write <output_dir>/merged/: the model "
+            "with the adapter folded into its weights, and the tokenizer, which load with plain transformers. Only "
+            "LoRA-style adapters can be merged; a quantized base is merged in full precision."
         },
     )
 
@@ -460,6 +487,9 @@ def check_arguments(model_args, data_args, training_args, adapter_args, evaluati
     check_best_model_arguments(training_args)
     check_adapter_arguments(adapter_args)
     check_evaluation_arguments(evaluation_args, training_args)
+    check_quantization_arguments(model_args, adapter_args)
+    check_merge_arguments(training_args, adapter_args)
+    check_gradient_checkpointing_arguments(training_args, adapter_args)
     warn_if_bf16_is_emulated(training_args)
 
 
@@ -718,6 +748,51 @@ def read_adapter_interface(path):
 def interface_from_fields(fields):
     # A causal or masked language model has no cross-attention: the field that adapters requires may be left out.
     return AdapterModelInterface(**{"layer_cross_attn": None, **fields})
+def check_quantization_arguments(model_args, adapter_args):
+    if not (model_args.load_in_4bit or model_args.load_in_8bit):
+        return
+    flag = quantization_flag(model_args)
+    if model_args.load_in_4bit and model_args.load_in_8bit:
+        raise UsageError("--load_in_4bit and --load_in_8bit exclude each other; pass one of them.")
+    if not model_args.model_name_or_path:
+        raise UsageError(f"{flag} quantizes a pretrained model's weights: pass --model_name_or_path, not --model_type.")
+    if not adapter_args.train_adapter:
+        raise UsageError(f"{flag} needs --train_adapter: the quantized weights stay frozen, only an adapter can train.")
+    if model_args.torch_dtype not in (None, "float32"):
+        raise UsageError(
+            f"--torch_dtype {model_args.torch_dtype} cannot be combined with {flag}: the layers left unquantized run in "
+            "float32 like the adapter, which adapters cannot mix with 16-bit layers; leave --torch_dtype out."
+        )
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise UsageError(f"{flag} needs the bitsandbytes package: pip install -r requirements-quantization.txt")
+
+
+def quantization_flag(model_args):
+    return "--load_in_4bit" if model_args.load_in_4bit else "--load_in_8bit"
+
+
+def check_merge_arguments(training_args, adapter_args):
+    if not adapter_args.merge_adapter:
+        return
+    if not (adapter_args.train_adapter and training_args.do_train) and not adapter_args.load_adapter:
+        raise UsageError(
+            "--merge_adapter has no adapter to merge: train one (--do_train --train_adapter) or load one "
+            "(--load_adapter DIR)."
+        )
+    if adapter_args.load_lang_adapter:
+        raise UsageError(
+            "--merge_adapter cannot fold an adapter stacked on a language adapter (--load_lang_adapter) into one "
+            "model; drop one of the two flags."
+        )
+
+
+def check_gradient_checkpointing_arguments(training_args, adapter_args):
+    reentrant = (training_args.gradient_checkpointing_kwargs or {}).get("use_reentrant")
+    if training_args.gradient_checkpointing and adapter_args.train_adapter and reentrant:
+        raise UsageError(
+            "--gradient_checkpointing_kwargs with use_reentrant true does not work with --train_adapter: adapters "
+            "carries its forward context into the recomputation only without it; leave use_reentrant out."
+        )
 
 
 def shorten(text, limit=200):
@@ -1081,16 +1156,19 @@ def load_model(model_args, config, tokenizer):
         dtype = model_args.torch_dtype
         if dtype not in ("auto", None):
             dtype = getattr(torch, dtype)
-        model = AutoModelForMaskedLM.from_pretrained(
-            model_args.model_name_or_path,
-            config=config,
-            cache_dir=model_args.cache_dir,
-            revision=model_args.model_revision,
-            token=model_args.token,
-            trust_remote_code=model_args.trust_remote_code,
-            dtype=dtype,
-            low_cpu_mem_usage=model_args.low_cpu_mem_usage,
-        )
+        quantization = quantization_config(model_args)
+        with reported_as_usage_error("--model_name_or_path", model_args.model_name_or_path, fix=FIX_MODEL_FOLDER):
+            model = AutoModelForMaskedLM.from_pretrained(
+                model_args.model_name_or_path,
+                config=config,
+                cache_dir=model_args.cache_dir,
+                revision=model_args.model_revision,
+                token=model_args.token,
+                trust_remote_code=model_args.trust_remote_code,
+                dtype=torch.float32 if quantization else dtype,
+                low_cpu_mem_usage=model_args.low_cpu_mem_usage,
+                quantization_config=quantization,
+            )
     else:
         model = AutoModelForMaskedLM.from_config(config, trust_remote_code=model_args.trust_remote_code)
         logger.info(f"New model: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters")
@@ -1100,14 +1178,33 @@ def load_model(model_args, config, tokenizer):
     return model
 
 
+def quantization_config(model_args):
+    """bitsandbytes settings for --load_in_4bit (QLoRA's NF4 with double quantization) or --load_in_8bit, else None.
+
+    The layers left unquantized (embeddings, norms, the head) are loaded in float32, the adapter's dtype: transformers
+    would load them in float16 otherwise, which the adapter's layers cannot take as input.
+    """
+    if not (model_args.load_in_4bit or model_args.load_in_8bit):
+        return None
+    logging.getLogger("bitsandbytes.autograd._functions").addFilter(is_not_int8_cast_notice)
+    return BitsAndBytesConfig(
+        load_in_4bit=model_args.load_in_4bit,
+        load_in_8bit=model_args.load_in_8bit,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=torch.float32,
+    )
+
+
+def is_not_int8_cast_notice(record):
+    # LLM.int8 always quantizes a layer's input by way of float16; bitsandbytes says so at every matrix product.
+    return not record.getMessage().startswith("MatMul8bitLt: inputs will be cast")
+
+
 def setup_adapter(model, adapter_args):
     """With --train_adapter, add a fresh (or loaded) adapter to the model and freeze everything else."""
     if not adapter_args.train_adapter:
         return
-    # A model saved by an adapters-initialised full fine-tuning carries an "adapters" dict in its config;
-    # adapters.init would share it with the new adapter setup, whose objects can then not be written to JSON.
-    if isinstance(getattr(model.config, "adapters", None), dict):
-        del model.config.adapters
     init_adapters(model, adapter_args)
     check_language_adapter_name(adapter_args)
     language_adapter = None
@@ -1182,6 +1279,10 @@ def load_saved_adapter(model, flag, location, **load_kwargs):
 def init_adapters(model, adapter_args):
     """adapters.init, through a plugin interface for the model types that adapters has no model code for, leaving
     what the model computes exactly as it was."""
+    # A model saved by an adapters-initialised full fine-tuning carries an "adapters" dict in its config;
+    # adapters.init would share it with the new adapter setup, whose objects can then not be written to JSON.
+    if isinstance(getattr(model.config, "adapters", None), dict):
+        del model.config.adapters
     model_type = model.config.model_type
     interface = None
     if adapter_args.adapter_interface:
@@ -1243,10 +1344,48 @@ def cannot_train_message(adapter_args, model, reason):
     methods = "such as seq_bn or lora" if interface is None else (
         f"of a kind its adapter interface supports ({', '.join(interface.adapter_methods)})")
     return (
-        f"{method} cannot be trained on a {model.config.model_type} model "
+        f"{method} cannot be trained on a {model_kind(model)} model "
         f"({shorten(reason)}); choose another method {methods}, change its settings with name[key=value,...], "
         "or train the whole model without --train_adapter."
     )
+
+
+def model_kind(model):
+    for bits in (4, 8):
+        if getattr(model, f"is_loaded_in_{bits}bit", False):
+            return f"{bits}-bit quantized {model.config.model_type}"
+    return model.config.model_type
+
+
+def check_adapter_options(model, model_args, adapter_args):
+    """Refuse now, before any data is read, what adapters cannot do with this adapter: merge it, or run it quantized."""
+    if not adapter_args.train_adapter:
+        return
+    config = model.adapters_config.get(adapter_args.adapter_name)
+    if adapter_args.merge_adapter and not can_merge(config):
+        mergeable = ", ".join(name for name in ADAPTER_CONFIG_MAP if can_merge(AdapterConfig.load(name)))
+        adapter = (f"the {config.architecture or 'bottleneck'} adapter of --load_adapter {adapter_args.load_adapter}"
+                   if adapter_args.load_adapter else f"--adapter_config {adapter_args.adapter_config}")
+        raise UsageError(
+            f"--merge_adapter cannot fold {adapter} into the model's weights: adapters {adapters.__version__} merges "
+            f"only {mergeable} (without gating); train one of these, or drop --merge_adapter."
+        )
+    quantized = model_args.load_in_4bit or model_args.load_in_8bit
+    if quantized and any(isinstance(module, LoRAMergedLinear) for module in model.modules()):
+        flag = quantization_flag(model_args)
+        raise UsageError(
+            f"{flag} does not work on a {model.config.model_type} model: adapters {adapters.__version__} wraps its "
+            "fused query/key/value projection in a layer that cannot compute with quantized weights; drop "
+            f"{flag}, or use a model with separate projections such as Llama or RoBERTa."
+        )
+
+
+def can_merge(config):
+    # adapters' merge_adapter folds the weight changes of LoRA-style methods into the layers they change, and silently
+    # skips every other method; it refuses gates (UniPELT), and folds MTL-LoRA into weights of the wrong shape.
+    components = config.configs if isinstance(config, ConfigUnion) else [config]
+    return all(isinstance(component, LoRAConfig) and not isinstance(component, MTLLoRAConfig)
+               and not component.use_gating for component in components)
 
 
 def choose_max_seq_length(data_args, tokenizer, config):
@@ -1801,7 +1940,8 @@ def check_sharding(trainer, adapter_args):
 
 def train(trainer, train_dataset, last_checkpoint, training_args):
     checkpoint = training_args.resume_from_checkpoint or last_checkpoint
-    train_result = trainer.train(resume_from_checkpoint=checkpoint)
+    with cache_off_while_checkpointing(trainer.model, training_args):
+        train_result = trainer.train(resume_from_checkpoint=checkpoint)
     trainer.save_model()  # with an AdapterTrainer: the adapter alone, in <output_dir>/<adapter_name>/
     metrics = train_result.metrics
     if not isinstance(train_dataset, datasets.IterableDataset):
@@ -1810,6 +1950,20 @@ def train(trainer, train_dataset, last_checkpoint, training_args):
     trainer.save_metrics("train", metrics)
     trainer.save_state()
     return metrics
+
+
+@contextmanager
+def cache_off_while_checkpointing(model, training_args):
+    """A model trained with gradient checkpointing keeps no cache of attention keys and values; asked for one, it
+    warns at the first step that it will not. The model's own setting is back once training ends."""
+    use_cache = getattr(model.config, "use_cache", None)
+    if training_args.gradient_checkpointing and use_cache:
+        model.config.use_cache = False
+    try:
+        yield
+    finally:
+        if use_cache is not None:
+            model.config.use_cache = use_cache
 
 
 def evaluate(trainer, eval_dataset):
@@ -1916,6 +2070,63 @@ def complete_sample(model, tokenizer, prompt):
     for index, token in zip(masked, logits[0, at_masks].argmax(dim=-1).tolist()):
         filled[index] = token
     return tokenizer.decode(filled, skip_special_tokens=True)
+def write_merged_model(model, tokenizer, model_args, training_args, adapter_args):
+    """With --merge_adapter, write <output_dir>/merged/: the model with the adapter folded into its weights as a plain
+    transformers model, and the tokenizer. It must give the adapter model's logits on a sentence to be written."""
+    if not (adapter_args.merge_adapter and training_args.should_save):
+        return None
+    adapter_model = copy_to_merge(model, tokenizer, model_args, adapter_args)
+    adapter_model.eval()
+    inputs = tokenizer("A merged model must say what the adapter says.", return_tensors="pt").to(adapter_model.device)
+    with torch.no_grad():
+        expected = adapter_model(**inputs).logits
+    adapter_model.merge_adapter(adapter_args.adapter_name)
+    merged = plain_model(adapter_model)
+    del adapter_model
+    merged.eval()
+    with torch.no_grad():
+        difference = (merged(**inputs).logits - expected).abs().max().item()
+    # Folded weights change the order of floating-point sums: a few units of the dtype's precision, relative to the
+    # logits. A forgotten or misplaced weight change is far larger.
+    tolerance = max(1e-4, 4 * torch.finfo(expected.dtype).eps) * max(1.0, expected.abs().max().item())
+    if difference > tolerance:
+        raise RuntimeError(
+            f"The merged model's logits differ from the adapter model's by {difference:.3g}, more than {tolerance:.3g}; "
+            "it was not written. The adapter itself is saved; please report this with the --adapter_config used."
+        )
+    folder = Path(training_args.output_dir) / "merged"
+    merged.save_pretrained(folder, safe_serialization=training_args.save_safetensors)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def copy_to_merge(model, tokenizer, model_args, adapter_args):
+    """A copy of the model with its adapter, to merge while the trained model stays as it is. A quantized model's
+    base is reloaded in full precision instead, with the trained adapter on top: merged into 4-bit or 8-bit weights,
+    the adapter's change would be rounded away."""
+    if not (model_args.load_in_4bit or model_args.load_in_8bit):
+        return copy.deepcopy(model)
+    full_precision = replace(model_args, load_in_4bit=False, load_in_8bit=False)
+    base = load_model(full_precision, load_config(full_precision), tokenizer)
+    init_adapters(base, adapter_args)
+    with tempfile.TemporaryDirectory() as folder:
+        save_adapter_files(model, Path(folder), adapter_args.adapter_name, use_safetensors=True)
+        base.load_adapter(folder, load_as=adapter_args.adapter_name, with_head=False, use_safetensors=True,
+                          set_active=True)
+    return base
+
+
+def plain_model(model):
+    """The weights of a model with adapters, without the adapters' own, in a model of its plain transformers class."""
+    # adapters.init swaps the model's class for a subclass with adapters' mixins: the first class up the hierarchy
+    # that comes from transformers is the plain one.
+    model_class = next(cls for cls in type(model).__mro__ if cls.__module__.startswith("transformers."))
+    with torch.device("meta"):  # only the names of its weights are needed: nothing is allocated
+        names = model_class(model.config).state_dict().keys()
+    state_dict = model.state_dict()
+    return model_class.from_pretrained(
+        None, config=model.config, state_dict={name: state_dict[name] for name in names}, dtype=model.dtype
+    )
 
 
 def publish(trainer, model_args, data_args, training_args):
@@ -1971,7 +2182,7 @@ def plot_training_curves(trainer, training_args):
     return path
 
 
-def print_summary(trainer, metrics, tokens_per_example, curves, samples, training_args, adapter_args):
+def print_summary(trainer, metrics, tokens_per_example, curves, samples, merged, training_args, adapter_args):
     """End the run with what a user looks for first: what was trained, how fast, how well, and where it went."""
     if not trainer.is_world_process_zero():
         return
@@ -1999,6 +2210,9 @@ def print_summary(trainer, metrics, tokens_per_example, curves, samples, trainin
             f"evaluation: {metrics['eval_runtime']:.1f} s, perplexity {metrics['perplexity']:.2f}, "
             f"accuracy {metrics['eval_accuracy']:.4f}"
         )
+    if merged is not None:
+        size = sum(path.stat().st_size for path in merged.iterdir() if path.suffix in (".safetensors", ".bin"))
+        lines.append(f"merged model: {merged} ({size / 1e6:.2f} MB)")
     if curves is not None:
         lines.append(f"training curves: {curves}")
     if samples is not None:
@@ -2037,6 +2251,7 @@ def main(argv=None):
         raw_datasets = load_raw_datasets(model_args, data_args, training_args)
         model = load_model(model_args, config, tokenizer)
         setup_adapter(model, adapter_args)
+        check_adapter_options(model, model_args, adapter_args)
         data_collator = build_data_collator(tokenizer, model, data_args, training_args)
         check_adapter_trains(model, tokenizer, data_collator, model_args, training_args, adapter_args)
 
@@ -2056,9 +2271,10 @@ def main(argv=None):
             metrics.update(evaluate(trainer, eval_dataset))
         samples = write_samples(trainer, tokenizer, raw_datasets, max_seq_length, evaluation_args, training_args,
                                 adapter_args)
+        merged = write_merged_model(trainer.model, tokenizer, model_args, training_args, adapter_args)
         publish(trainer, model_args, data_args, training_args)
         curves = plot_training_curves(trainer, training_args)
-        print_summary(trainer, metrics, tokens_per_example(max_seq_length, data_args), curves, samples,
+        print_summary(trainer, metrics, tokens_per_example(max_seq_length, data_args), curves, samples, merged,
                       training_args, adapter_args)
     return metrics
 

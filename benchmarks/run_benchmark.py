@@ -3,6 +3,7 @@
 
     python benchmarks/run_benchmark.py            # GPT-2 small / RoBERTa base width, 6 layers: ~13 min on 2 cores
     python benchmarks/run_benchmark.py --quick    # 2 layers, 256 wide, one round, no compile: ~2 min
+    python benchmarks/run_benchmark.py --memory   # memory only, 12 layers (checkpointing, 4-bit): ~15-40 min
 
 Everything is built on the spot, in a temporary folder, from text that every Python install has (the standard
 library's source): a corpus, byte-level BPE tokenizers with GPT-2 and RoBERTa special tokens, and models with
@@ -17,9 +18,13 @@ random weights. What is measured, all with the scripts' own functions:
   of each configuration); model FLOPs (counted by PyTorch) per second against the fastest fp32 matmul measured
   (one before every run); and the share of each step spent waiting for data;
 * --bf16 and --torch_compile against fp32 eager, on the small shape (on CPUs without native bf16 a bf16 step of
-  the large shape takes minutes, and compiling it alone takes about 3 minutes).
+  the large shape takes minutes, and compiling it alone takes about 3 minutes);
+* with --memory, instead of all this: the memory a training step takes with and without --gradient_checkpointing,
+  and with the base loaded in fp32, 4 bits and 8 bits (bitsandbytes), at GPT-2 small's and RoBERTa base's full
+  depth (a Llama of GPT-2 small's shape stands in for GPT-2 under quantization, which adapters cannot run on it).
 
-Results are written to OUT/results.json and OUT/results.md (--out, default benchmarks/results).
+Results are written to OUT/results.json and OUT/results.md, or with --memory to OUT/memory.json and OUT/memory.md
+(--out, default benchmarks/results).
 """
 
 import argparse
@@ -65,6 +70,9 @@ SCRIPTS = {"run_clm": run_clm, "run_mlm": run_mlm}
 MODEL_KIND = {"run_clm": "gpt2", "run_mlm": "roberta"}
 LENGTH_FLAG = {"run_clm": "--block_size", "run_mlm": "--max_seq_length"}
 REAL_VOCAB = {"gpt2": 50257, "roberta": 50265}
+# The memory comparison of 4-bit loading needs a causal LM that adapters can run quantized, which GPT-2 is not: a Llama
+# of GPT-2 small's shape (and vocabulary, with GPT-2's tokenizer) stands in.
+LLAMA_VOCAB = REAL_VOCAB["gpt2"]
 METHODS = ("full", "seq_bn", "lora", "prefix_tuning")
 BATCH_TEXTS = 1000  # texts per batch, as `datasets` maps by default
 GROUPING_REPEATS = 3  # grouping is quick to repeat, and noisy
@@ -85,10 +93,10 @@ class Shape:
     batch: int = 4
 
     def vocab_size(self, kind):
-        return self.vocab or REAL_VOCAB[kind]
+        return self.vocab or (LLAMA_VOCAB if kind == "llama" else REAL_VOCAB[kind])
 
     def config(self, kind):
-        """Config overrides for make_tiny_assets.build_model."""
+        """Config overrides for make_tiny_assets.build_model (and, as for RoBERTa, for a LlamaConfig)."""
         if kind == "gpt2":
             return {"n_layer": self.layers, "n_embd": self.hidden, "n_head": self.heads, "n_positions": 1024,
                     "vocab_size": self.vocab_size(kind)}
@@ -99,6 +107,8 @@ class Shape:
 
 # GPT-2 small and RoBERTa base with 6 of their 12 layers.
 BASE = Shape("6x768", layers=6, hidden=768, heads=12, block=256)
+# Their full depth, for the memory measurements (--memory): each run takes only the steps peak memory needs.
+FULL_DEPTH = Shape("12x768", layers=12, hidden=768, heads=12, block=256)
 # With the real vocabulary, the output layer alone would make the small shape's steps as slow as the large ones.
 SMALL = Shape("2x256", layers=2, hidden=256, heads=4, block=128, vocab=8192)
 
@@ -424,7 +434,12 @@ class Run:
     script: str
     method: str  # "full" or an adapter config
     shape: Shape
-    variant: str = "fp32"  # "fp32" (eager), "bf16" or "compile"
+    variant: str = "fp32"  # "fp32" (eager), "bf16", "compile", "checkpointing", "4bit" or "8bit"
+    model: Optional[str] = None  # the kind of model, when not the script's usual one (MODEL_KIND)
+
+    @property
+    def kind(self):
+        return self.model or MODEL_KIND[self.script]
 
     def argv(self, model_dir, train_file, work, output_dir, steps):
         argv = [
@@ -439,6 +454,10 @@ class Run:
             argv += ["--use_cpu", "--bf16"]  # without --use_cpu, transformers refuses --bf16 on a machine with no GPU
         elif self.variant == "compile":
             argv += ["--torch_compile"]
+        elif self.variant == "checkpointing":
+            argv += ["--gradient_checkpointing"]
+        elif self.variant in ("4bit", "8bit"):
+            argv += [f"--load_in_{self.variant}"]
         return argv
 
 
@@ -453,15 +472,15 @@ def schedule(mode):
     return rounds
 
 
-def train_once(run, models, train_file, work, steps, index):
+def train_once(run, models, train_file, work, steps, index, count_flops=True):
     """One training run of the script in a fresh process; returns its timings, or the error it ended with."""
     run_dir = work / f"run-{index}"
     run_dir.mkdir()
     spec = {
         "script": run.script,
-        "argv": run.argv(models[MODEL_KIND[run.script], run.shape], train_file, work, run_dir / "output", steps),
+        "argv": run.argv(models[run.kind, run.shape], train_file, work, run_dir / "output", steps),
         # The flop counter and the compiler do not mix; the compiled model does the same FLOPs as the eager one.
-        "count_flops": run.variant != "compile",
+        "count_flops": count_flops and run.variant != "compile",
         "result": str(run_dir / "result.json"),
     }
     (run_dir / "spec.json").write_text(json.dumps(spec))
@@ -529,6 +548,143 @@ def summarise_training(runs):
             "first_step_s": statistics.median(result["first_step_s"] for result in done),
         })
     return summary
+
+
+# ---------------------------------------------------------------------------------------------------- memory
+
+# One step: its backward pass holds the activations, and its optimizer step allocates the (small) optimizer state of
+# the adapter. A step of the 12-layer models took about 2 minutes on the shared development machine.
+MEMORY_STEPS = 1
+
+
+def build_memory_assets(work):
+    """Tokenizers with the real vocabularies and random-weight models of FULL_DEPTH: GPT-2, RoBERTa and a Llama."""
+    corpus = build_corpus(work / "corpus.txt", 1_000_000)
+    train_file = build_corpus(work / "train.txt", 200_000)
+    tokenizers, models = {}, {}
+    for kind in REAL_VOCAB:
+        tokenizers[kind] = make_tiny_assets.build_tokenizer(
+            kind, [corpus], work / f"{kind}-tokenizer", vocab_size=FULL_DEPTH.vocab_size(kind))
+        models[kind, FULL_DEPTH] = make_tiny_assets.build_model(
+            kind, tokenizers[kind], work / f"{kind}-{FULL_DEPTH.name}", **FULL_DEPTH.config(kind))
+    models["llama", FULL_DEPTH] = build_llama(tokenizers["gpt2"], work / f"llama-{FULL_DEPTH.name}", FULL_DEPTH)
+    return train_file, models
+
+
+def build_llama(tokenizer_dir, folder, shape):
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    # The same layer sizes as the other models, with separate query, key and value projections.
+    config = LlamaConfig(**shape.config("llama"), num_key_value_heads=shape.heads,
+                         bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id)
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def memory_schedule():
+    """With and without gradient checkpointing: run_clm with each adapter method, run_mlm with LoRA; LoRA on bases
+    loaded in fp32 and in 4 bits (8 bits for run_clm too)."""
+    runs = [Run("run_clm", method, FULL_DEPTH, variant)
+            for method in ("seq_bn", "lora", "prefix_tuning") for variant in ("fp32", "checkpointing")]
+    runs += [Run("run_mlm", "lora", FULL_DEPTH, variant) for variant in ("fp32", "checkpointing", "4bit")]
+    runs += [Run("run_clm", "lora", FULL_DEPTH, variant, model="llama") for variant in ("fp32", "4bit", "8bit")]
+    return runs
+
+
+def measure_memory(models, train_file, work):
+    runs = []
+    for run in memory_schedule():
+        # The flop counter keeps nothing alive, but it is not what a user runs.
+        result = train_once(run, models, train_file, work, MEMORY_STEPS - 1, len(runs), count_flops=False)
+        runs.append((run, result))
+        outcome = result.get("error") or (
+            f"weights {result['model_mib']:,.0f} MiB, resident {result['train_start_rss_mib']:,.0f} MiB at the start "
+            f"of training, peak {result['train_peak_rss_mib']:,.0f} MiB")
+        progress(f"  {run.script} {run.kind} {run.method} {run.variant}: {outcome}")
+    return runs
+
+
+def summarise_memory(runs):
+    """Each run's memory next to its baseline: the same script, model and method, in fp32 without checkpointing."""
+    def key(run):
+        return run.script, run.kind, run.method
+
+    baselines = {key(run): result for run, result in runs if run.variant == "fp32" and "error" not in result}
+    rows = []
+    for run, result in runs:
+        row = {"script": run.script, "model": run.kind, "method": run.method, "variant": run.variant}
+        if "error" in result:
+            rows.append({**row, "error": result["error"]})
+            continue
+        growth = result["train_peak_rss_mib"] - result["train_start_rss_mib"]
+        row.update(model_mib=result["model_mib"], train_start_rss_mib=result["train_start_rss_mib"],
+                   train_start_file_mib=result["train_start_file_mib"],
+                   train_peak_rss_mib=result["train_peak_rss_mib"], training_growth_mib=growth)
+        base = baselines.get(key(run))
+        if base is not None and run.variant != "fp32":
+            base_growth = base["train_peak_rss_mib"] - base["train_start_rss_mib"]
+            row.update(model_x=result["model_mib"] / base["model_mib"],
+                       train_peak_x=result["train_peak_rss_mib"] / base["train_peak_rss_mib"],
+                       training_growth_x=growth / base_growth)
+        rows.append(row)
+    return rows
+
+
+def memory_markdown(results):
+    machine = results["machine"]
+    shape = FULL_DEPTH
+    lines = [
+        f"Machine: {machine['cpu']}, {machine['cores']} cores, torch {machine['torch']}, Python {machine['python']}. "
+        f"{results['minutes']:.1f} minutes.",
+        "",
+        f"{shape.layers} layers {shape.hidden} wide, {shape.heads} heads, vocabulary "
+        f"{' / '.join(f'{shape.vocab_size(kind)} ({kind})' for kind in ('gpt2', 'roberta', 'llama'))}, blocks of "
+        f"{shape.block}, batch {shape.batch}, {MEMORY_STEPS} training step; one run each. Weights: the model's parameters "
+        "and buffers. At start / peak: resident memory of the process when training starts and its peak during "
+        "training (loading excluded); of which files: the part that maps files at the start (the checkpoint is read "
+        "through a memory map). Added: peak minus start, what training itself needs (activations, gradients, "
+        "optimizer state). x: against the same script, model and method in fp32 without checkpointing.",
+        "",
+        "| script | model | method | variant | weights MiB | x | at start MiB | of which files | peak MiB | x "
+        "| added MiB | x |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for row in results["rows"]:
+        cells = [row["script"], row["model"], row["method"], row["variant"]]
+        if "error" in row:
+            lines.append("| " + " | ".join(cells + [f"failed: {row['error']}"] + [""] * 7) + " |")
+            continue
+
+        def ratio(name):
+            return f"{row[name]:.2f}" if name in row else ""
+
+        cells += [f"{row['model_mib']:,.0f}", ratio("model_x"), f"{row['train_start_rss_mib']:,.0f}",
+                  f"{row['train_start_file_mib']:,.0f}", f"{row['train_peak_rss_mib']:,.0f}", ratio("train_peak_x"), f"{row['training_growth_mib']:,.0f}",
+                  ratio("training_growth_x")]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def run_memory_benchmark(out):
+    with tempfile.TemporaryDirectory(prefix="lm-memory-") as folder:
+        work = Path(folder)
+        train_file, models = build_memory_assets(work)
+        progress(f"assets built in {work}")
+        runs = measure_memory(models, train_file, work)
+    results = {
+        "machine": machine_description(),
+        "minutes": (time.perf_counter() - START) / 60,
+        "rows": summarise_memory(runs),
+        "runs": [{**asdict(run), **result} for run, result in runs],
+    }
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "memory.json").write_text(json.dumps(results, indent=2) + "\n")
+    (out / "memory.md").write_text(memory_markdown(results))
+    print(memory_markdown(results))
+    progress(f"wrote {out / 'memory.json'} and {out / 'memory.md'}")
 
 
 # ---------------------------------------------------------------------------------------------------- report
@@ -666,8 +822,13 @@ def markdown(results, mode):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="a small shape and one round: under 3 minutes")
+    parser.add_argument("--memory", action="store_true",
+                        help="only the memory of gradient checkpointing and 4-bit/8-bit bases, at 12 layers")
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results", help="folder for the results")
     args = parser.parse_args(argv)
+    if args.memory:
+        run_memory_benchmark(args.out)
+        return
     mode_name = "quick" if args.quick else "full"
     mode = MODES[mode_name]
     load_before = os.getloadavg()[0]

@@ -4,10 +4,10 @@ Usage: ``python benchmarks/train_once.py SPEC.json``, where the spec holds ``scr
 ``argv`` (the script's command line), ``count_flops`` and ``result`` (where to write the JSON).
 
 The benchmark starts one process per run, so that the peak resident memory read at the end is that run's alone.
-The script's own ``main`` runs unchanged; a trainer callback only records when each optimizer step begins and
-ends, and counts the floating-point operations of the first step (forward and backward) with PyTorch's flop
-counter. That first step also pays for warm-up (and compilation under --torch_compile), so it is left out of
-the timed steps.
+The script's own ``main`` runs unchanged; trainer callbacks only record when each optimizer step begins and
+ends, count the floating-point operations of the first step (forward and backward) with PyTorch's flop counter,
+and read the resident memory when training starts and its peak during training. That first step also pays for
+warm-up (and compilation under --torch_compile), so it is left out of the timed steps.
 """
 
 import importlib
@@ -74,17 +74,44 @@ class StepTimer(TrainerCallback):
         }
 
 
+def resident_mib(field):
+    """A memory figure of this process from /proc/self/status (VmRSS: now, VmHWM: peak, RssFile: the part that maps
+    files, such as a checkpoint read through a memory map), in MiB."""
+    line = next(line for line in Path("/proc/self/status").read_text().splitlines() if line.startswith(field + ":"))
+    return int(line.split()[1]) / 1024
+
+
+class MemoryMeter(TrainerCallback):
+    """Resident memory when training starts and its peak during training alone, without the loading before it.
+
+    Linux resets a process's peak resident memory (VmHWM) to its current one when 5 is written to clear_refs.
+    """
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        self.model_mib = model.get_memory_footprint() / 2**20
+        self.start_mib, self.start_file_mib = resident_mib("VmRSS"), resident_mib("RssFile")
+        Path("/proc/self/clear_refs").write_text("5")
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self.train_peak_mib = resident_mib("VmHWM")
+
+    def summary(self):
+        return {"model_mib": self.model_mib, "train_start_rss_mib": self.start_mib,
+                "train_start_file_mib": self.start_file_mib, "train_peak_rss_mib": self.train_peak_mib}
+
+
 def main(spec_path):
     spec = json.loads(Path(spec_path).read_text())
     sys.path.insert(0, str(REPO))
     script = importlib.import_module(spec["script"])
-    timer = StepTimer(spec["count_flops"])
+    timer, meter = StepTimer(spec["count_flops"]), MemoryMeter()
     # Every Trainer (and AdapterTrainer) the script builds starts with the default callbacks, so this adds ours
     # without touching the script.
-    trainer.DEFAULT_CALLBACKS.append(timer)
+    trainer.DEFAULT_CALLBACKS.extend([timer, meter])
     metrics = script.main(spec["argv"])
     result = {
         **timer.summary(),
+        **meter.summary(),
         "train_runtime_s": metrics["train_runtime"],
         # ru_maxrss is in KiB on Linux.
         "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,

@@ -1,0 +1,211 @@
+"""--merge_adapter, --load_in_4bit / --load_in_8bit and --gradient_checkpointing: what a user gets, checked for real.
+
+A merged model must load with plain transformers in a process that never imports adapters and say what the adapter
+model says; a 4-bit base must train an adapter that reloads onto it exactly; checkpointing must change the memory a
+step needs and nothing else. Methods and settings that cannot do this are refused in one line before any training.
+"""
+
+import importlib.util
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import read_json
+from conftest import tiny_run_arguments as arguments
+from safetensors import safe_open
+from transformers import AutoModelForCausalLM, AutoModelForMaskedLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+from transformers import TrainerCallback, trainer
+from transformers.modeling_layers import GradientCheckpointingLayer
+
+import adapters
+import run_clm
+import run_mlm
+
+TOKEN_IDS = [[5, 17, 42, 99, 3, 250, 7, 11]]
+
+# Run in a fresh interpreter: loads each merged folder with transformers alone and prints its logits on TOKEN_IDS.
+LOAD_WITHOUT_ADAPTERS = """
+import json, sys, torch
+from transformers import AutoModelForCausalLM, AutoModelForMaskedLM
+logits = {}
+for auto_class, folder in zip((AutoModelForCausalLM, AutoModelForMaskedLM), sys.argv[1:]):
+    model = auto_class.from_pretrained(folder).eval()
+    with torch.no_grad():
+        logits[folder] = model(torch.tensor(TOKEN_IDS)).logits.tolist()
+assert "adapters" not in sys.modules, "transformers imported adapters"
+print(json.dumps(logits))
+""".replace("TOKEN_IDS", repr(TOKEN_IDS))
+
+
+def adapter_model_logits(auto_class, base, adapter_folder):
+    """Logits of the base model with the saved adapter active, as the adapters library computes them."""
+    model = auto_class.from_pretrained(base)
+    adapters.init(model)
+    model.load_adapter(str(adapter_folder), set_active=True, use_safetensors=True)
+    with torch.no_grad():
+        return model.eval()(torch.tensor(TOKEN_IDS)).logits
+
+
+def assert_plain_transformers_folder(folder):
+    assert "adapters" not in read_json(folder / "config.json")
+    assert "quantization_config" not in read_json(folder / "config.json")
+    with safe_open(folder / "model.safetensors", "pt") as weights:
+        assert not [name for name in weights.keys() if "lora" in name or "adapter" in name]
+    assert (folder / "tokenizer.json").is_file()
+
+
+def test_merged_model_loads_without_adapters_and_gives_the_adapter_models_logits(assets, tmp_path):
+    # run_clm: a trained LoRA, merged at the end of training.
+    run_clm.main(arguments(run_clm, assets, tmp_path / "clm", "--do_train", "--max_steps", "3", "--learning_rate",
+                           "5e-2", "--train_adapter", "--adapter_config", "lora", "--merge_adapter"))
+    # run_mlm: a saved (IA)^3 adapter with weights far from its initial ones, merged without training.
+    model = AutoModelForMaskedLM.from_pretrained(assets.tiny_roberta)
+    adapters.init(model)
+    model.add_adapter("mlm", config="ia3")
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for name, weight in model.named_parameters():
+            if "loras" in name:
+                weight.uniform_(0.5, 1.5)
+    model.save_adapter(str(tmp_path / "ia3"), "mlm")
+    run_mlm.main(arguments(run_mlm, assets, tmp_path / "mlm", "--do_eval", "--max_eval_samples", "4",
+                           "--train_adapter", "--load_adapter", tmp_path / "ia3", "--merge_adapter"))
+
+    folders = [tmp_path / "clm" / "merged", tmp_path / "mlm" / "merged"]
+    for folder in folders:
+        assert_plain_transformers_folder(folder)
+    loaded = subprocess.run([sys.executable, "-c", LOAD_WITHOUT_ADAPTERS, *map(str, folders)],
+                            capture_output=True, text=True, timeout=300)
+    assert loaded.returncode == 0, loaded.stderr[-2000:]
+    merged = {folder: torch.tensor(logits) for folder, logits in json.loads(loaded.stdout).items()}
+    expected = {
+        str(folders[0]): adapter_model_logits(AutoModelForCausalLM, assets.tiny_gpt2, tmp_path / "clm" / "clm"),
+        str(folders[1]): adapter_model_logits(AutoModelForMaskedLM, assets.tiny_roberta, tmp_path / "ia3"),
+    }
+    bases = {str(folders[0]): AutoModelForCausalLM.from_pretrained(assets.tiny_gpt2),
+             str(folders[1]): AutoModelForMaskedLM.from_pretrained(assets.tiny_roberta)}
+    for folder in expected:
+        torch.testing.assert_close(merged[folder], expected[folder], rtol=0, atol=1e-4)
+        with torch.no_grad():  # the adapter matters: the merged weights are not the base model's
+            base_logits = bases[folder].eval()(torch.tensor(TOKEN_IDS)).logits
+        assert (base_logits - expected[folder]).abs().max() > 1e-3  # ten times the tolerance above
+
+
+def test_refusals_come_in_one_line_before_training(assets, tmp_path, capsys, monkeypatch):
+    cases = [
+        (run_clm, ["--train_adapter", "--adapter_config", "seq_bn", "--merge_adapter"],
+         "--merge_adapter cannot fold --adapter_config seq_bn into the model's weights: adapters 1.3.0 merges only "
+         "lora, ia3, vera, dora, dvora (without gating); train one of these, or drop --merge_adapter."),
+        (run_mlm, ["--train_adapter", "--adapter_config", "unipelt", "--merge_adapter"],
+         "--merge_adapter cannot fold --adapter_config unipelt"),
+        (run_clm, ["--merge_adapter"], "--merge_adapter has no adapter to merge"),
+        (run_clm, ["--train_adapter", "--gradient_checkpointing", "--gradient_checkpointing_kwargs",
+                   '{"use_reentrant": true}'], "use_reentrant true does not work with --train_adapter"),
+        (run_mlm, ["--load_in_4bit", "--load_in_8bit", "--train_adapter"], "exclude each other"),
+        (run_mlm, ["--load_in_4bit"], "--load_in_4bit needs --train_adapter"),
+        (run_mlm, ["--load_in_8bit", "--train_adapter", "--torch_dtype", "bfloat16"],
+         "--torch_dtype bfloat16 cannot be combined with --load_in_8bit"),
+    ]
+    if importlib.util.find_spec("bitsandbytes") is not None:
+        cases += [
+            (run_clm, ["--load_in_4bit", "--train_adapter", "--adapter_config", "lora"],
+             "--load_in_4bit does not work on a gpt2 model: adapters 1.3.0 wraps its fused query/key/value "
+             "projection"),
+            (run_mlm, ["--load_in_4bit", "--train_adapter", "--adapter_config", "dora"],
+             "--adapter_config dora cannot be trained on a 4-bit quantized roberta model"),
+        ]
+    for script, extra, expected in cases:
+        name = script.__name__
+        output_dir = tmp_path / "run"
+        capsys.readouterr()
+        assert script.cli(arguments(script, assets, output_dir, "--do_train", "--max_steps", "1", *extra)) == 2
+        stderr = capsys.readouterr().err.strip().splitlines()
+        assert stderr[-1].startswith(f"{name}.py: error: ") and expected in stderr[-1], stderr[-1]
+        assert not any("Traceback" in line for line in stderr)
+        assert not output_dir.exists()  # refused before anything was trained or written
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # as if it were not installed
+    assert run_mlm.cli(arguments(run_mlm, assets, tmp_path / "none", "--load_in_4bit", "--train_adapter")) == 2
+    assert capsys.readouterr().err.strip().endswith(
+        "--load_in_4bit needs the bitsandbytes package: pip install -r requirements-quantization.txt")
+
+
+@pytest.fixture(scope="module")
+def tiny_llama(assets, tmp_path_factory):
+    """A tiny Llama: separate query, key and value projections, which adapters can wrap around quantized layers."""
+    tokenizer = AutoTokenizer.from_pretrained(assets.gpt2_tokenizer)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=256,
+                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+    torch.manual_seed(0)
+    folder = tmp_path_factory.mktemp("tiny-llama")
+    LlamaForCausalLM(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def test_4bit_lora_trains_reloads_exactly_and_merges_onto_the_full_precision_base(assets, tiny_llama, tmp_path):
+    pytest.importorskip("bitsandbytes")
+    common = ["--model_name_or_path", tiny_llama, "--train_adapter"]
+    # One batch, seen again at every step: the loss of a working adapter falls step after step.
+    run_clm.main(arguments(run_clm, assets, tmp_path / "run", *common, "--adapter_config", "lora", "--load_in_4bit",
+                           "--do_train", "--do_eval", "--max_train_samples", "4", "--max_steps", "6",
+                           "--learning_rate", "5e-2", "--logging_steps", "1", "--merge_adapter"))
+    losses = [entry["loss"] for entry in read_json(tmp_path / "run" / "trainer_state.json")["log_history"]
+              if "loss" in entry]
+    assert len(losses) == 6 and losses[-1] < losses[0] - 0.1
+    with safe_open(tmp_path / "run" / "clm" / "adapter.safetensors", "pt") as weights:
+        assert {weights.get_tensor(name).dtype for name in weights.keys()} == {torch.float32}
+
+    reloaded = run_clm.main(arguments(run_clm, assets, tmp_path / "reload", *common, "--load_in_4bit",
+                                      "--load_adapter", tmp_path / "run" / "clm", "--do_eval"))
+    assert reloaded["eval_loss"] == pytest.approx(read_json(tmp_path / "run" / "eval_results.json")["eval_loss"],
+                                                  abs=1e-6)
+
+    # Merged onto the base in full precision, not into its 4-bit weights.
+    merged_folder = tmp_path / "run" / "merged"
+    assert_plain_transformers_folder(merged_folder)
+    merged = AutoModelForCausalLM.from_pretrained(merged_folder).eval()
+    assert merged.dtype == torch.float32
+    with torch.no_grad():
+        logits = merged(torch.tensor(TOKEN_IDS)).logits
+    expected = adapter_model_logits(AutoModelForCausalLM, tiny_llama, tmp_path / "run" / "clm")
+    torch.testing.assert_close(logits, expected, rtol=0, atol=1e-4)
+
+
+class LayerCalls(TrainerCallback):
+    """Counts the calls of the model's checkpointable layers during training: checkpointing calls each twice."""
+
+    def __init__(self):
+        self.calls = 0
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        for module in model.modules():
+            if isinstance(module, GradientCheckpointingLayer):
+                module.register_forward_pre_hook(self.count)
+
+    def count(self, module, inputs):
+        if module.training:
+            self.calls += 1
+
+
+@pytest.mark.parametrize("method", ["seq_bn", "lora", "prefix_tuning"])
+@pytest.mark.parametrize("script", [run_clm, run_mlm], ids=["gpt2", "roberta"])
+def test_gradient_checkpointing_gives_the_same_losses(script, method, assets, tmp_path, monkeypatch):
+    results = {}
+    for checkpointing in (False, True):
+        counter = LayerCalls()
+        monkeypatch.setattr(trainer, "DEFAULT_CALLBACKS", [*trainer.DEFAULT_CALLBACKS, counter])
+        output_dir = tmp_path / str(checkpointing)
+        flags = ["--gradient_checkpointing"] if checkpointing else []
+        metrics = script.main(arguments(script, assets, output_dir, "--do_train", "--max_steps", "2",
+                                        "--learning_rate", "5e-2", "--train_adapter", "--adapter_config", method,
+                                        "--logging_steps", "1", *flags))
+        logged = [entry["loss"] for entry in read_json(output_dir / "trainer_state.json")["log_history"]
+                  if "loss" in entry]
+        results[checkpointing] = metrics["train_loss"], logged, counter.calls
+    (loss, logged, calls), (checkpointed_loss, checkpointed_logged, checkpointed_calls) = results.values()
+    assert checkpointed_calls == 2 * calls > 0  # each layer ran again in the backward pass
+    assert checkpointed_logged == logged and len(logged) == 2 and logged[1] != logged[0]
+    assert checkpointed_loss == pytest.approx(loss, abs=1e-5)

@@ -31,6 +31,22 @@ import make_tiny_assets  # noqa: E402
 # Arguments every test run shares: quiet, no integrations, no checkpoints unless a test asks for them.
 QUIET = ["--report_to", "none", "--disable_tqdm", "true", "--save_strategy", "no", "--seed", "7"]
 
+# Library messages that a run used to print and that mean nothing to its user; none may come back.
+NOISE = {
+    "adapters' false alarm": "There are adapters available but none are activated",
+    "transformers' loss guess": "was set in the config but it is unrecognized",
+    "torch's pin_memory": "'pin_memory' argument is set as true but no accelerator is found",
+    "the single process's rank": "Process rank:",
+    "adapters' legacy hub": "legacy Hub",
+    "the fast tokenizer tip": "with a fast tokenizer, using the `__call__` method is faster",
+    "the Trainer's token alignment": "The tokenizer has new PAD/BOS/EOS tokens",
+}
+
+
+def noise_in(text):
+    """The names of the NOISE messages found in a run's output."""
+    return [name for name, message in NOISE.items() if message in text]
+
 
 @pytest.fixture(scope="session")
 def assets(tmp_path_factory):

@@ -299,7 +299,7 @@ class ArgumentParser(HfArgumentParser):
 
 
 def make_help_readable(action):
-    if action.help and action.help is not argparse.SUPPRESS:
+    if action.help:
         # argparse formats each help text with %: a bare % (TrainingArguments' "10% slower") would print a dict.
         action.help = re.sub(r"%(?!\()", "%%", action.help)
     if action.const is False and action.option_strings[0].startswith("--no_"):
@@ -1212,20 +1212,20 @@ def plot_training_curves(trainer, training_args):
         perplexity_axes, accuracy_axes = axes[0][1:]
         perplexity_axes.plot(steps, [perplexity(entry["eval_loss"]) for entry in evaluations], "o-", color="tab:orange")
         perplexity_axes.set(xlabel="step", ylabel="perplexity", title="Eval perplexity")
-        accuracy_axes.plot(steps, [entry.get("eval_accuracy") for entry in evaluations], "o-", color="tab:green")
+        accuracy_axes.plot(steps, [entry["eval_accuracy"] for entry in evaluations], "o-", color="tab:green")
         accuracy_axes.set(xlabel="step", ylabel="accuracy", title="Eval accuracy")
     elif evaluations:
-        final = evaluations[0]
+        [final] = evaluations
         loss_axes.text(
             0.97, 0.95,
             f"eval at step {final['step']}: loss {final['eval_loss']:.3f},\nperplexity "
-            f"{perplexity(final['eval_loss']):.2f}, accuracy {final.get('eval_accuracy', float('nan')):.4f}\n"
+            f"{perplexity(final['eval_loss']):.2f}, accuracy {final['eval_accuracy']:.4f}\n"
             "(--eval_strategy steps --eval_steps N\ndraws eval curves)",
             transform=loss_axes.transAxes, ha="right", va="top", bbox={"facecolor": "white", "alpha": 0.8},
         )
     loss_axes.set(xlabel="step", ylabel="loss", title="Loss")
     if train_points or curves:  # a run shorter than --logging_steps logs no loss
-        loss_axes.legend(loc="lower left")
+        loss_axes.legend(loc="best" if curves else "lower left")  # a falling loss leaves the corners free
     for subplot in axes[0]:
         subplot.grid(alpha=0.3)
     figure.suptitle(str(training_args.output_dir))

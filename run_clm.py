@@ -1108,7 +1108,8 @@ def plot_training_curves(trainer, training_args):
             f"eval at step {final['step']}: loss {final['eval_loss']:.3f},\nperplexity "
             f"{perplexity(final['eval_loss']):.2f}, accuracy {final['eval_accuracy']:.4f}\n"
             "(--eval_strategy steps --eval_steps N\ndraws eval curves)",
-            transform=loss_axes.transAxes, ha="right", va="top", bbox={"facecolor": "white", "alpha": 0.8},
+            transform=loss_axes.transAxes, ha="right", va="top", multialignment="left",
+            bbox={"facecolor": "white", "alpha": 0.8},
         )
     loss_axes.set(xlabel="step", ylabel="loss", title="Loss")
     if train_points or curves:  # a run shorter than --logging_steps logs no loss

@@ -11,6 +11,7 @@ from types import SimpleNamespace
 
 import huggingface_hub
 import pytest
+import transformers
 from conftest import REPO, noise_in, tiny_run_arguments
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
@@ -72,6 +73,9 @@ def run_and_read(capsys, caplog):
     # transformers' loggers do not propagate to the root logger that caplog listens on.
     transformers_logger = logging.getLogger("transformers")
     transformers_logger.addHandler(caplog.handler)
+    # A run logs at the level transformers is set to; a fresh process's is warning, an earlier test may leave info.
+    verbosity = transformers.utils.logging.get_verbosity()
+    transformers.utils.logging.set_verbosity_warning()
 
     def run(script, arguments):
         with warnings.catch_warnings(record=True) as caught:
@@ -84,6 +88,7 @@ def run_and_read(capsys, caplog):
 
     yield run
     transformers_logger.removeHandler(caplog.handler)
+    transformers.utils.logging.set_verbosity(verbosity)
 
 
 @SCRIPTS

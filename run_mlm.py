@@ -12,6 +12,7 @@ Run `python run_mlm.py --help` for every flag. Perplexity and accuracy on the ma
 `<output_dir>/all_results.json`; the trained adapter in `<output_dir>/<adapter_name>/`.
 """
 
+import argparse
 import codecs
 import copy
 import errno
@@ -37,6 +38,7 @@ except ImportError:  # Windows has no advisory file locks: runs into one folder 
     fcntl = None
 
 import datasets
+import huggingface_hub
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -62,6 +64,7 @@ from transformers import (
     default_data_collator,
     set_seed,
 )
+from transformers.data.data_collator import pad_without_fast_tokenizer_warning
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 import adapters
@@ -76,6 +79,14 @@ logger = logging.getLogger(__name__)
 
 # File extensions accepted by --train_file/--validation_file, mapped to the `datasets` builder that reads them.
 FILE_BUILDERS = {"txt": "text", "csv": "csv", "json": "json", "jsonl": "json", "parquet": "parquet"}
+HUB_PROBE_SECONDS = 5  # how long a run waits to learn whether the Hugging Face Hub can be reached
+# The Trainer's flags that --help shows; --help-all shows all of its more than 100.
+COMMON_TRAINER_FLAGS = {
+    "output_dir", "overwrite_output_dir", "do_train", "do_eval", "num_train_epochs", "max_steps",
+    "per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps", "learning_rate",
+    "logging_steps", "eval_strategy", "eval_steps", "eval_on_start", "save_strategy", "save_steps", "save_total_limit",
+    "resume_from_checkpoint", "seed", "bf16", "fp16", "torch_compile", "report_to", "push_to_hub",
+}
 MAX_DEFAULT_SEQ_LENGTH = 1024
 # Models whose position ids start after the padding index, so that pad_token_id + 1 positions are never used.
 POSITIONS_AFTER_PADDING = {"roberta", "xlm-roberta", "camembert", "data2vec-text", "roberta-prelayernorm", "xmod"}
@@ -346,13 +357,52 @@ class DataTrainingArguments:
 
 @dataclass
 class AdapterGroupArguments(AdapterArguments):
-    """The adapters library's AdapterArguments, under a heading of their own in --help."""
+    """The adapters library's AdapterArguments, under a heading of their own in --help and with help texts that say
+    what each flag takes here (the library's speak of its retired AdapterHub repository)."""
 
     _argument_group_name = "Adapter"
 
+    train_adapter: bool = field(
+        default=False,
+        metadata={
+            "help": "Train an adapter (see --adapter_config) while the model's own weights stay frozen; without it, "
+            "the whole model is fine-tuned."
+        },
+    )
+    load_adapter: Optional[str] = field(
+        default="",
+        metadata={
+            "help": "Saved adapter to start from: a local folder (an earlier run's <output_dir>/<adapter_name>, or "
+            "any folder written by save_adapter) or a Hugging Face Hub repository name. With --train_adapter it is "
+            "trained further; with --do_eval alone it is evaluated as it is."
+        },
+    )
+    adapter_config: Optional[str] = field(
+        default="seq_bn",
+        metadata={
+            "help": "Adapter method to train: a name such as seq_bn, lora or prefix_tuning, name[key=value,...], a "
+            "union a|b, or the path of a config .json file. A loaded adapter keeps the configuration saved with it."
+        },
+    )
+    load_lang_adapter: Optional[str] = field(
+        default=None,
+        metadata={
+            "help": "Saved language adapter (a local folder or a Hub repository name) to stack, frozen, under the "
+            "adapter that is trained or loaded."
+        },
+    )
+    lang_adapter_config: Optional[str] = field(
+        default=None,
+        metadata={
+            "help": "Accepted for the AdapterHub examples' command lines: a loaded language adapter keeps the "
+            "configuration saved with it."
+        },
+    )
     adapter_name: str = field(
         default="mlm",
-        metadata={"help": "Name of the trained adapter; it is saved in <output_dir>/<adapter_name>/."},
+        metadata={
+            "help": "Name of the trained or loaded adapter; a trained one is saved in <output_dir>/<adapter_name>/."
+        },
     )
     adapter_interface: Optional[str] = field(
         default=None,
@@ -409,18 +459,51 @@ class EvaluationArguments:
 
 
 class ArgumentParser(HfArgumentParser):
-    """HfArgumentParser that reports a bad command line as a UsageError (one line) instead of argparse's usage block."""
+    """HfArgumentParser with a --help that reads well in a terminal, and one-line errors.
+
+    --help lists the script's own groups first, then the Trainer's most used flags; --help-all lists every flag. A bad
+    command line is reported as a UsageError (one line) instead of argparse's usage block.
+    """
+
+    def __init__(self, dataclass_types, every_flag=True):
+        super().__init__(dataclass_types, usage="%(prog)s --flag value ... (or: %(prog)s args.json)", add_help=False)
+        # TrainingArguments has no heading of its own: its flags fill argparse's default group, which prints first.
+        trainer_group = self._optionals
+        trainer_group.title = "Training (the Trainer's flags)"
+        if not every_flag:
+            trainer_group.description = "The most used of the Trainer's flags; --help-all lists all of them."
+        self._action_groups.remove(trainer_group)
+        self._action_groups.append(trainer_group)
+        help_group = self.add_argument_group("Help")
+        help_group.add_argument("-h", "--help", action="help", help="Show the script's flags and the Trainer's most "
+                                "used ones, and exit.")
+        help_group.add_argument("--help-all", action="help", help="Show every flag, and exit.")
+        for action in self._actions:
+            make_help_readable(action)
+            if not every_flag and action in trainer_group._group_actions and action.dest not in COMMON_TRAINER_FLAGS:
+                action.help = argparse.SUPPRESS
 
     def error(self, message):
         raise UsageError(f"{message}; see --help for the flags and their values.")
 
 
+def make_help_readable(action):
+    if action.help:
+        # argparse formats each help text with %: a bare % (TrainingArguments' "10% slower") would print a dict.
+        action.help = re.sub(r"%(?!\()", "%%", action.help)
+    if action.const is False and action.option_strings[0].startswith("--no_"):
+        # HfArgumentParser gives --no_X the help text of --X, and a default of its own that --X's default overrides.
+        action.help = f"Turn --{action.dest} off (it is on by default)."
+        action.default = argparse.SUPPRESS
+
+
 def parse_arguments(argv):
     """Read the five argument groups from the command line, or from a single .json file of arguments."""
-    parser = ArgumentParser(
-        (ModelArguments, DataTrainingArguments, TrainingArguments, AdapterGroupArguments, EvaluationArguments)
-    )
     argv = sys.argv[1:] if argv is None else list(argv)
+    parser = ArgumentParser(
+        (ModelArguments, DataTrainingArguments, TrainingArguments, AdapterGroupArguments, EvaluationArguments),
+        every_flag="--help-all" in argv,
+    )
     # TrainingArguments writes the precision it chooses into the environment, where a later run in this process
     # would take it for the launcher's setting: each run starts from the launcher's.
     if LAUNCHER_PRECISION is None:
@@ -429,8 +512,9 @@ def parse_arguments(argv):
         os.environ["ACCELERATE_MIXED_PRECISION"] = LAUNCHER_PRECISION
     try:
         if len(argv) == 1 and argv[0].endswith(".json"):
-            return parser.parse_dict(read_json_arguments(Path(argv[0])))
-        return parser.parse_args_into_dataclasses(args=argv)
+            arguments = parser.parse_dict(read_json_arguments(Path(argv[0])))
+        else:
+            arguments = parser.parse_args_into_dataclasses(args=argv)
     except ValueError as error:  # unknown flags or JSON keys, or a combination that TrainingArguments rejects
         if "bf16" in str(error):  # TrainingArguments' own message for --bf16 without bf16 hardware names no fix
             raise UsageError(
@@ -438,6 +522,14 @@ def parse_arguments(argv):
                 "avx512_bf16 or amx_bf16 in /proc/cpuinfo), or drop --bf16."
             ) from None
         raise UsageError(f"{one_line(error)}; see --help for the flags and their values.") from None
+    unpin_memory_without_accelerator(arguments[2])
+    return arguments
+
+
+def unpin_memory_without_accelerator(training_args):
+    # Pinned memory only speeds up copies to an accelerator; without one, torch ignores it with a warning.
+    if training_args.dataloader_pin_memory and not torch.accelerator.is_available():
+        training_args.dataloader_pin_memory = False
 
 
 def read_json_arguments(json_path):
@@ -472,10 +564,11 @@ def setup_logging(training_args):
     transformers.utils.logging.set_verbosity(log_level)
     transformers.utils.logging.enable_default_handler()
     transformers.utils.logging.enable_explicit_format()
-    logger.warning(
+    distributed = training_args.parallel_mode.value == "distributed"
+    # Every process of a distributed run says which one it is; a single process has nobody to be told apart from.
+    (logger.warning if distributed else logger.info)(
         f"Process rank: {training_args.local_rank}, device: {training_args.device}, n_gpu: {training_args.n_gpu}, "
-        f"distributed training: {training_args.parallel_mode.value == 'distributed'}, "
-        f"16-bit training: {training_args.fp16 or training_args.bf16}"
+        f"distributed training: {distributed}, 16-bit training: {training_args.fp16 or training_args.bf16}"
     )
 
 
@@ -485,11 +578,12 @@ def check_arguments(model_args, data_args, training_args, adapter_args, evaluati
     check_data_arguments(data_args, training_args)
     check_training_arguments(training_args)
     check_best_model_arguments(training_args)
-    check_adapter_arguments(adapter_args)
+    check_adapter_arguments(adapter_args, training_args)
     check_evaluation_arguments(evaluation_args, training_args)
     check_quantization_arguments(model_args, adapter_args)
     check_merge_arguments(training_args, adapter_args)
     check_gradient_checkpointing_arguments(training_args, adapter_args)
+    check_hub_is_reachable(model_args, data_args, adapter_args)
     warn_if_bf16_is_emulated(training_args)
 
 
@@ -603,6 +697,8 @@ def check_optimizer_settings(training_args):
             f"--optim {training_args.optim.value} rejects these settings ({first_line(error)}); check "
             "--learning_rate, --adam_beta1, --adam_beta2, --adam_epsilon and --optim_args."
         ) from None
+
+
 def check_best_model_arguments(training_args):
     """Combinations that transformers accepts, but that fail once training has begun, or that keep a model other
     than the best without a word."""
@@ -678,11 +774,25 @@ def read_prompts(path):
     return [line.strip() for line in text.splitlines() if line.strip()]
 
 
-def check_adapter_arguments(adapter_args):
-    if not adapter_args.train_adapter and (adapter_args.load_adapter or adapter_args.load_lang_adapter
-                                           or adapter_args.adapter_interface):
-        raise UsageError("--load_adapter, --load_lang_adapter and --adapter_interface need --train_adapter as well.")
+def check_adapter_arguments(adapter_args, training_args):
+    if adapter_args.load_adapter and training_args.do_train and not adapter_args.train_adapter:
+        raise UsageError(
+            f"--load_adapter {adapter_args.load_adapter} with --do_train trains the adapter further: add "
+            "--train_adapter, or drop --do_train to evaluate the adapter as it is."
+        )
+    uses_adapter = adapter_args.train_adapter or adapter_args.load_adapter
+    if adapter_args.load_lang_adapter and not uses_adapter:
+        raise UsageError(
+            "--load_lang_adapter stacks a language adapter under the adapter that --train_adapter trains or "
+            "--load_adapter loads: add one of them, or give the language adapter as --load_adapter to evaluate it "
+            "alone."
+        )
     if adapter_args.adapter_interface:
+        if not uses_adapter:
+            raise UsageError(
+                "--adapter_interface names the model's layers for an adapter: add --train_adapter, or --load_adapter "
+                "DIR to evaluate a saved one."
+            )
         read_adapter_interface(adapter_args.adapter_interface)
     for flag, location in (("--load_adapter", adapter_args.load_adapter),
                            ("--load_lang_adapter", adapter_args.load_lang_adapter)):
@@ -692,6 +802,29 @@ def check_adapter_arguments(adapter_args):
             raise UsageError(f"{flag} {location} does not exist; give the folder of a saved adapter.")
     if adapter_args.train_adapter:
         check_adapter_config(adapter_args.adapter_config)
+
+
+def check_hub_is_reachable(model_args, data_args, adapter_args):
+    """Without network, a hub name fails now in one line, not after half a minute of retries and a screen of logs."""
+    if huggingface_hub.constants.HF_HUB_OFFLINE:
+        return  # the libraries then go straight to the local cache
+    hub_names = [(flag, name) for flag, name in (
+        ("--model_name_or_path", model_args.model_name_or_path), ("--config_name", model_args.config_name),
+        ("--tokenizer_name", model_args.tokenizer_name), ("--dataset_name", data_args.dataset_name),
+        ("--load_adapter", adapter_args.load_adapter), ("--load_lang_adapter", adapter_args.load_lang_adapter),
+    ) if name and not os.path.exists(name)]
+    if not hub_names:
+        return
+    endpoint = huggingface_hub.constants.ENDPOINT
+    try:
+        huggingface_hub.get_session().head(endpoint, timeout=HUB_PROBE_SECONDS)
+    except OSError as error:  # requests' errors: no connection, or no answer within HUB_PROBE_SECONDS
+        flag, name = hub_names[0]
+        raise UsageError(
+            f"{flag} {name} is not a local folder, and the Hugging Face Hub ({endpoint}) cannot be reached "
+            f"({type(error).__name__}); give a local folder, or set HF_HUB_OFFLINE=1 to use a copy already in the "
+            "local cache."
+        ) from None
 
 
 def check_adapter_config(spec):
@@ -756,8 +889,11 @@ def check_quantization_arguments(model_args, adapter_args):
         raise UsageError("--load_in_4bit and --load_in_8bit exclude each other; pass one of them.")
     if not model_args.model_name_or_path:
         raise UsageError(f"{flag} quantizes a pretrained model's weights: pass --model_name_or_path, not --model_type.")
-    if not adapter_args.train_adapter:
-        raise UsageError(f"{flag} needs --train_adapter: the quantized weights stay frozen, only an adapter can train.")
+    if not (adapter_args.train_adapter or adapter_args.load_adapter):
+        raise UsageError(
+            f"{flag} needs --train_adapter, or --load_adapter DIR to evaluate a saved adapter: the quantized weights "
+            "stay frozen, only an adapter can train."
+        )
     if model_args.torch_dtype not in (None, "float32"):
         raise UsageError(
             f"--torch_dtype {model_args.torch_dtype} cannot be combined with {flag}: the layers left unquantized run in "
@@ -1170,8 +1306,13 @@ def load_model(model_args, config, tokenizer):
                 quantization_config=quantization,
             )
     else:
+        take_special_tokens_from(tokenizer, config)
         model = AutoModelForMaskedLM.from_config(config, trust_remote_code=model_args.trust_remote_code)
         logger.info(f"New model: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters")
+    # Models whose class name does not say their task leave transformers to guess the loss, with a warning, and its
+    # guess is the causal LM loss.
+    if getattr(model, "loss_type", None) is None:
+        model.loss_type = "ForMaskedLM"
     # A tokenizer with more tokens than the model's embedding would index past it; fewer tokens are harmless.
     if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
         model.resize_token_embeddings(len(tokenizer))
@@ -1199,35 +1340,47 @@ def quantization_config(model_args):
 def is_not_int8_cast_notice(record):
     # LLM.int8 always quantizes a layer's input by way of float16; bitsandbytes says so at every matrix product.
     return not record.getMessage().startswith("MatMul8bitLt: inputs will be cast")
+def take_special_tokens_from(tokenizer, config):
+    # A new config has the special token ids of its model type's own vocabulary (GPT-2's 50256), which the Trainer
+    # would replace by the tokenizer's, with a warning, once the model is built.
+    for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        if getattr(tokenizer, key) is not None:
+            setattr(config, key, getattr(tokenizer, key))
 
 
 def setup_adapter(model, adapter_args):
-    """With --train_adapter, add a fresh (or loaded) adapter to the model and freeze everything else."""
-    if not adapter_args.train_adapter:
+    """With --train_adapter, add a fresh (or loaded) adapter to the model and freeze everything else; with
+    --load_adapter alone, load the saved adapter to evaluate it, everything frozen."""
+    if not (adapter_args.train_adapter or adapter_args.load_adapter):
         return
     init_adapters(model, adapter_args)
     check_language_adapter_name(adapter_args)
+    # Saved adapters are loaded with the configuration saved with them: adapters' config argument served only the
+    # retired AdapterHub repository, and warns even for a local folder.
     language_adapter = None
     if adapter_args.load_lang_adapter:
-        language_adapter = load_saved_adapter(model, "--load_lang_adapter", adapter_args.load_lang_adapter,
-                                              config=adapter_args.lang_adapter_config)
+        language_adapter = load_saved_adapter(model, "--load_lang_adapter", adapter_args.load_lang_adapter)
     if adapter_args.load_adapter:
-        load_saved_adapter(model, "--load_adapter", adapter_args.load_adapter, load_as=adapter_args.adapter_name,
-                           config=adapter_args.adapter_config)
+        load_saved_adapter(model, "--load_adapter", adapter_args.load_adapter, load_as=adapter_args.adapter_name)
     else:
         try:
             model.add_adapter(adapter_args.adapter_name, config=adapter_args.adapter_config)
         except (ValueError, TypeError, AssertionError, RuntimeError) as error:  # adapters' own checks
             raise UsageError(cannot_train_message(adapter_args, model, error)) from None
-    model.train_adapter(adapter_args.adapter_name)
-    model.set_active_adapters(
-        Stack(language_adapter, adapter_args.adapter_name) if language_adapter else adapter_args.adapter_name
-    )
+    # Activating the first adapter opens a forward context before the adapter is active, and adapters warns that
+    # none is: a false alarm.
+    with log_message_dropped("adapters.model_mixin", "There are adapters available but none are activated"):
+        if adapter_args.train_adapter:
+            model.train_adapter(adapter_args.adapter_name)  # freezes the rest of the model
+        model.set_active_adapters(
+            Stack(language_adapter, adapter_args.adapter_name) if language_adapter else adapter_args.adapter_name
+        )
     # adapters' train_adapter leaves some head weights trainable (RoBERTa's lm_head.dense); they would change
-    # without being saved with the adapter, so the saved adapter would not reproduce the trained model.
+    # without being saved with the adapter, so the saved adapter would not reproduce the trained model. An adapter
+    # loaded only to be evaluated stays frozen with the rest.
     belongs_to_adapter = AdapterLoader(model).filter_func(adapter_args.adapter_name)
     for name, parameter in model.named_parameters():
-        parameter.requires_grad = parameter.requires_grad and belongs_to_adapter(name)
+        parameter.requires_grad = adapter_args.train_adapter and parameter.requires_grad and belongs_to_adapter(name)
     name_layers_for_fsdp(model)
 
 
@@ -1359,7 +1512,7 @@ def model_kind(model):
 
 def check_adapter_options(model, model_args, adapter_args):
     """Refuse now, before any data is read, what adapters cannot do with this adapter: merge it, or run it quantized."""
-    if not adapter_args.train_adapter:
+    if not (adapter_args.train_adapter or adapter_args.load_adapter):
         return
     config = model.adapters_config.get(adapter_args.adapter_name)
     if adapter_args.merge_adapter and not can_merge(config):
@@ -1562,7 +1715,10 @@ class MaskingCollator(DataCollatorForLanguageModeling, TrainerCallback):
             examples = [self.mask_example(example) for example in examples]
         labels = [example["labels"] for example in examples]
         inputs = [{key: value for key, value in example.items() if key != "labels"} for example in examples]
-        batch = self.tokenizer.pad(inputs, return_tensors="pt", pad_to_multiple_of=self.pad_to_multiple_of)
+        # Without the tip that a fast tokenizer pads faster when it tokenizes: these examples are tokenized already.
+        batch = pad_without_fast_tokenizer_warning(
+            self.tokenizer, inputs, return_tensors="pt", pad_to_multiple_of=self.pad_to_multiple_of
+        )
         length = batch["input_ids"].shape[1]
         padded = [
             [-100] * (length - len(row)) + list(row) if self.tokenizer.padding_side == "left"
@@ -1970,10 +2126,7 @@ def evaluate(trainer, eval_dataset):
     metrics = trainer.evaluate()
     if not isinstance(eval_dataset, datasets.IterableDataset):
         metrics["eval_samples"] = len(eval_dataset)
-    try:
-        metrics["perplexity"] = math.exp(metrics["eval_loss"])
-    except OverflowError:
-        metrics["perplexity"] = float("inf")
+    metrics["perplexity"] = perplexity(metrics["eval_loss"])
     trainer.log_metrics("eval", metrics)
     trainer.save_metrics("eval", metrics)
     return metrics
@@ -1992,7 +2145,7 @@ def write_samples(trainer, tokenizer, raw_datasets, max_length, evaluation_args,
     was_training = model.training
     model.eval()
     with torch.no_grad():
-        if adapter_args.train_adapter:
+        if adapter_args.train_adapter or adapter_args.load_adapter:
             with adapters_off(model):
                 outputs = {"base": [complete_sample(model, tokenizer, prompt) for prompt in prompts]}
             outputs["adapted"] = [complete_sample(model, tokenizer, prompt) for prompt in prompts]
@@ -2148,7 +2301,10 @@ def tokens_per_example(max_seq_length, data_args):
 
 
 def plot_training_curves(trainer, training_args):
-    """Draw losses and eval perplexity against steps into training_curves.png; skipped without matplotlib."""
+    """Draw the losses, and eval perplexity and accuracy, against steps into training_curves.png.
+
+    Returns the line for the summary: the plot's path, or why there is none; None for a run that trained nothing.
+    """
     if not (training_args.do_train and trainer.is_world_process_zero()):
         return None
     try:
@@ -2157,62 +2313,66 @@ def plot_training_curves(trainer, training_args):
         matplotlib.use("Agg")  # files only: works without a display
         import matplotlib.pyplot as plt
     except ImportError:
-        return None
+        return "not drawn: matplotlib is missing (pip install matplotlib)"
     history = trainer.state.log_history
     train_points = [(entry["step"], entry["loss"]) for entry in history if "loss" in entry]
-    eval_points = [(entry["step"], entry["eval_loss"]) for entry in history if "eval_loss" in entry]
-    figure, (loss_axes, perplexity_axes) = plt.subplots(1, 2, figsize=(11, 4))
+    # The final evaluation repeats the last periodic one when both fall on the last step.
+    evaluations = list({entry["step"]: entry for entry in history if "eval_loss" in entry}.values())
+    curves = len(evaluations) > 1
+    figure, axes = plt.subplots(1, 3 if curves else 1, figsize=(15, 4) if curves else (7, 4), squeeze=False)
+    loss_axes = axes[0][0]
     if train_points:
         loss_axes.plot(*zip(*train_points), label="train loss")
-    if eval_points:
-        steps, losses = zip(*eval_points)
-        loss_axes.plot(steps, losses, "o-", label="eval loss")
-        perplexity_axes.plot(steps, [math.exp(min(loss, 700)) for loss in losses], "o-", color="tab:orange")
+    if curves:
+        steps = [entry["step"] for entry in evaluations]
+        loss_axes.plot(steps, [entry["eval_loss"] for entry in evaluations], "o-", label="eval loss")
+        perplexity_axes, accuracy_axes = axes[0][1:]
+        perplexity_axes.plot(steps, [perplexity(entry["eval_loss"]) for entry in evaluations], "o-", color="tab:orange")
+        perplexity_axes.set(xlabel="step", ylabel="perplexity", title="Eval perplexity")
+        accuracy_axes.plot(steps, [entry["eval_accuracy"] for entry in evaluations], "o-", color="tab:green")
+        accuracy_axes.set(xlabel="step", ylabel="accuracy", title="Eval accuracy")
+    elif evaluations:
+        [final] = evaluations
+        loss_axes.text(
+            0.97, 0.95,
+            f"eval at step {final['step']}: loss {final['eval_loss']:.3f},\nperplexity "
+            f"{perplexity(final['eval_loss']):.2f}, accuracy {final['eval_accuracy']:.4f}\n"
+            "(--eval_strategy steps --eval_steps N\ndraws eval curves)",
+            transform=loss_axes.transAxes, ha="right", va="top", multialignment="left",
+            bbox={"facecolor": "white", "alpha": 0.8},
+        )
     loss_axes.set(xlabel="step", ylabel="loss", title="Loss")
-    if train_points or eval_points:  # a run shorter than --logging_steps logs no loss
-        loss_axes.legend()
-    perplexity_axes.set(xlabel="step", ylabel="perplexity", title="Eval perplexity")
-    for axes in (loss_axes, perplexity_axes):
-        axes.grid(alpha=0.3)
+    if train_points or curves:  # a run shorter than --logging_steps logs no loss
+        loss_axes.legend(loc="best" if curves else "lower left")  # a falling loss leaves the corners free
+    for subplot in axes[0]:
+        subplot.grid(alpha=0.3)
     figure.suptitle(str(training_args.output_dir))
     figure.tight_layout()
     path = Path(training_args.output_dir) / "training_curves.png"
     figure.savefig(path, dpi=100)
     plt.close(figure)
-    return path
+    return str(path)
+
+
+def perplexity(loss):
+    try:
+        return math.exp(loss)
+    except OverflowError:
+        return float("inf")
 
 
 def print_summary(trainer, metrics, tokens_per_example, curves, samples, merged, training_args, adapter_args):
     """End the run with what a user looks for first: what was trained, how fast, how well, and where it went."""
     if not trainer.is_world_process_zero():
         return
-    trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
-    total = sum(p.numel() for p in trainer.model.parameters())
-    lines = [f"trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.2f}%)"]
     if training_args.do_train:
-        output_dir = Path(training_args.output_dir)
-        if adapter_args.train_adapter:
-            saved = output_dir / adapter_args.adapter_name
-            files = [path for path in saved.rglob("*") if path.is_file()]
-        else:
-            saved = output_dir
-            files = [*output_dir.glob("*.safetensors"), *output_dir.glob("*.bin")]
-        size = sum(path.stat().st_size for path in files)
-        throughput = f"{metrics['train_samples_per_second']:.1f} samples/s"
-        if tokens_per_example:
-            throughput += f", {metrics['train_samples_per_second'] * tokens_per_example:,.0f} tokens/s"
-        lines += [
-            f"training: {metrics['train_runtime']:.1f} s ({throughput})",
-            f"saved {'adapter' if adapter_args.train_adapter else 'model'}: {saved} ({size / 1e6:.2f} MB)",
-        ]
+        lines = training_summary(trainer.model, metrics, tokens_per_example, training_args, adapter_args)
+    else:
+        lines = [evaluated_model_summary(trainer.model, adapter_args)]
     if training_args.do_eval:
-        lines.append(
-            f"evaluation: {metrics['eval_runtime']:.1f} s, perplexity {metrics['perplexity']:.2f}, "
-            f"accuracy {metrics['eval_accuracy']:.4f}"
-        )
+        lines.append(evaluation_summary(trainer, metrics, training_args))
     if merged is not None:
-        size = sum(path.stat().st_size for path in merged.iterdir() if path.suffix in (".safetensors", ".bin"))
-        lines.append(f"merged model: {merged} ({size / 1e6:.2f} MB)")
+        lines.append(f"merged model: {merged} ({megabytes(weight_files(merged))})")
     if curves is not None:
         lines.append(f"training curves: {curves}")
     if samples is not None:
@@ -2235,6 +2395,56 @@ def bf16_tip(training_args):
     if training_args.do_train and in_fp32_on_cpu and flags:
         return f"tip: this CPU has native bf16 ({', '.join(flags)}): --use_cpu --bf16 trains faster than fp32 on it"
     return None
+def training_summary(model, metrics, tokens_per_example, training_args, adapter_args):
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    output_dir = Path(training_args.output_dir)
+    if adapter_args.train_adapter:
+        saved = output_dir / adapter_args.adapter_name
+        files = [path for path in saved.rglob("*") if path.is_file()]
+    else:
+        saved = output_dir
+        files = weight_files(output_dir)
+    throughput = f"{metrics['train_samples_per_second']:.1f} samples/s"
+    if tokens_per_example:
+        throughput += f", {metrics['train_samples_per_second'] * tokens_per_example:,.0f} tokens/s"
+    return [
+        f"trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.2f}%)",
+        f"training: {metrics['train_runtime']:.1f} s ({throughput})",
+        f"saved {'adapter' if adapter_args.train_adapter else 'model'}: {saved} ({megabytes(files)})",
+    ]
+
+
+def evaluation_summary(trainer, metrics, training_args):
+    line = (f"evaluation: {metrics['eval_runtime']:.1f} s, perplexity {metrics['perplexity']:.2f}, "
+            f"accuracy {metrics['eval_accuracy']:.4f}")
+    if training_args.do_train and training_args.eval_on_start:
+        start = next(entry for entry in trainer.state.log_history if "eval_loss" in entry)
+        line += (f" (before training: perplexity {perplexity(start['eval_loss']):.2f}, "
+                 f"accuracy {start['eval_accuracy']:.4f})")
+    return line
+
+
+def evaluated_model_summary(model, adapter_args):
+    total = sum(p.numel() for p in model.parameters())
+    line = f"model: frozen, nothing trained: {total:,} parameters evaluated"
+    if not (adapter_args.train_adapter or adapter_args.load_adapter):
+        return line + " as loaded"
+    belongs_to_adapter = AdapterLoader(model).filter_func(adapter_args.adapter_name)
+    in_adapter = sum(p.numel() for name, p in model.named_parameters() if belongs_to_adapter(name))
+    line += f", {in_adapter:,} ({100 * in_adapter / total:.2f}%) of them in adapter {adapter_args.adapter_name}"
+    if adapter_args.load_adapter and os.path.isdir(adapter_args.load_adapter):
+        files = [path for path in Path(adapter_args.load_adapter).rglob("*") if path.is_file()]
+        line += f" ({adapter_args.load_adapter}, {megabytes(files)})"
+    return line
+
+
+def weight_files(folder):
+    return [*folder.glob("*.safetensors"), *folder.glob("*.bin")]
+
+
+def megabytes(files):
+    return f"{sum(path.stat().st_size for path in files) / 1e6:.2f} MB"
 
 
 def main(argv=None):

@@ -7,6 +7,8 @@ where the base model is clearly worse, so a working adapter lowers perplexity a 
 
 import json
 import os
+import pickle
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -17,11 +19,13 @@ from types import SimpleNamespace
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_DATASETS_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_NO_ADVISORY_WARNINGS"] = "1"
-os.environ.setdefault("HF_HOME", tempfile.mkdtemp(prefix="hf-home-"))
+# Each test process (pytest-xdist starts one per core) gets its own caches.
+os.environ["HF_HOME"] = tempfile.mkdtemp(prefix="hf-home-")
 # The test models are tiny: one thread per process beats two threads fighting over matrices of 64 columns.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import pytest  # noqa: E402
+from filelock import FileLock  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO), str(REPO / "tools")]
@@ -31,10 +35,44 @@ import make_tiny_assets  # noqa: E402
 # Arguments every test run shares: quiet, no integrations, no checkpoints unless a test asks for them.
 QUIET = ["--report_to", "none", "--disable_tqdm", "true", "--save_strategy", "no", "--seed", "7", "--num_samples", "0"]
 
+# Library messages that a run used to print and that mean nothing to its user; none may come back.
+NOISE = {
+    "adapters' false alarm": "There are adapters available but none are activated",
+    "transformers' loss guess": "was set in the config but it is unrecognized",
+    "torch's pin_memory": "'pin_memory' argument is set as true but no accelerator is found",
+    "the single process's rank": "Process rank:",
+    "adapters' legacy hub": "legacy Hub",
+    "the fast tokenizer tip": "with a fast tokenizer, using the `__call__` method is faster",
+    "the Trainer's token alignment": "The tokenizer has new PAD/BOS/EOS tokens",
+}
+
+
+def noise_in(text):
+    """The names of the NOISE messages found in a run's output."""
+    return [name for name, message in NOISE.items() if message in text]
+
+
+def built_once(tmp_path_factory, name, build):
+    """build(folder)'s result, built once per test session. Under pytest-xdist the first process that needs it builds
+    it while the others wait, and all of them read the same folder afterwards (tests copy what they change)."""
+    if "PYTEST_XDIST_WORKER" not in os.environ:
+        return build(tmp_path_factory.mktemp(name))
+    folder = tmp_path_factory.getbasetemp().parent / name  # the session's folder, above each process's own
+    result = folder / "built.pickle"
+    with FileLock(f"{folder}.lock"):
+        if not result.exists():
+            shutil.rmtree(folder, ignore_errors=True)
+            folder.mkdir()
+            result.write_bytes(pickle.dumps(build(folder)))
+    return pickle.loads(result.read_bytes())
+
 
 @pytest.fixture(scope="session")
 def assets(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("assets")
+    return built_once(tmp_path_factory, "assets", build_assets)
+
+
+def build_assets(folder):
     train, validation = make_tiny_assets.build_corpus(folder)
     code_train, code_validation = make_tiny_assets.build_code_corpus(folder)
     gpt2_tokenizer = make_tiny_assets.build_tokenizer("gpt2", [train], folder / "gpt2-tokenizer")
@@ -56,13 +94,12 @@ def assets(tmp_path_factory):
 def dropout_free(assets, tmp_path_factory):
     """The tiny GPT-2 and RoBERTa without dropout: a training step then computes the same however its batch is split
     (dropout draws its random numbers per process)."""
-    folder = tmp_path_factory.mktemp("dropout-free")
-    return SimpleNamespace(
+    return built_once(tmp_path_factory, "dropout-free", lambda folder: SimpleNamespace(
         gpt2=make_tiny_assets.build_model("gpt2", assets.gpt2_tokenizer, folder / "gpt2", resid_pdrop=0.0,
                                           embd_pdrop=0.0, attn_pdrop=0.0),
         roberta=make_tiny_assets.build_model("roberta", assets.roberta_tokenizer, folder / "roberta",
                                              hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0),
-    )
+    ))
 
 
 @pytest.fixture(scope="session")
@@ -70,7 +107,8 @@ def pretrained_gpt2(assets, tmp_path_factory):
     """A tiny GPT-2 fully trained for one epoch on docstrings: the 'pretrained' base that adapters adapt."""
     import run_clm
 
-    return pretrain(run_clm, assets.tiny_gpt2, assets.train, tmp_path_factory.mktemp("pretrained-gpt2"))
+    return built_once(tmp_path_factory, "pretrained-gpt2",
+                      lambda folder: pretrain(run_clm, assets.tiny_gpt2, assets.train, folder))
 
 
 @pytest.fixture(scope="session")
@@ -78,15 +116,14 @@ def pretrained_roberta(assets, tmp_path_factory):
     """A tiny RoBERTa fully trained for one epoch on docstrings: the 'pretrained' base that adapters adapt."""
     import run_mlm
 
-    return pretrain(run_mlm, assets.tiny_roberta, assets.train, tmp_path_factory.mktemp("pretrained-roberta"))
+    return built_once(tmp_path_factory, "pretrained-roberta",
+                      lambda folder: pretrain(run_mlm, assets.tiny_roberta, assets.train, folder))
 
 
 def pretrain(script, model, train_file, output_dir):
-    script.main([str(value) for value in [
-        "--model_name_or_path", model, "--train_file", train_file, "--do_train", "--num_train_epochs", "1",
-        "--learning_rate", "3e-3", length_flag(script), "64", "--per_device_train_batch_size", "8",
-        "--output_dir", output_dir, "--overwrite_output_dir", *QUIET,
-    ]])
+    script.main(tiny_run_arguments(script, None, output_dir, "--do_train", "--num_train_epochs", "1",
+                                   "--overwrite_output_dir", model=model, train=train_file, validation=None, length=64,
+                                   eval_samples=None, batch_size=8, learning_rate="3e-3"))
     return output_dir
 
 
@@ -94,14 +131,26 @@ def length_flag(script):
     return "--block_size" if script.__name__ == "run_clm" else "--max_seq_length"
 
 
-def tiny_run_arguments(script, assets, output_dir, *extra, length=32, eval_samples=16, model=None):
-    """Arguments for a short run of run_clm.py or run_mlm.py on the tiny model of its kind (or on model)."""
+def tiny_run_arguments(script, assets, output_dir, *extra, model=None, train="prose", validation="prose", length=32,
+                       eval_samples=16, batch_size=4, learning_rate="1e-2"):
+    """The command line of a short, quiet run of run_clm.py or run_mlm.py into output_dir, for every test.
+
+    The tiny model of the script's kind (or model) on the prose corpus. train and validation: "prose", "code", a
+    file, or None to leave the flag out; None leaves out --max_eval_samples and --learning_rate too. The extra flags
+    come last, so they win over these.
+    """
+    corpora = {"prose": (assets.train, assets.validation), "code": (assets.code_train, assets.code_validation)} if (
+        assets is not None) else {}
+    train = corpora[train][0] if isinstance(train, str) and train in corpora else train
+    validation = corpora[validation][1] if isinstance(validation, str) and validation in corpora else validation
     model = model or (assets.tiny_gpt2 if script.__name__ == "run_clm" else assets.tiny_roberta)
-    return [str(value) for value in [
-        "--model_name_or_path", model, "--train_file", assets.train, "--validation_file", assets.validation,
-        "--max_eval_samples", eval_samples, length_flag(script), length, "--per_device_train_batch_size", "4",
-        "--learning_rate", "1e-2", "--output_dir", output_dir, *QUIET, *extra,
-    ]]
+    arguments = ["--model_name_or_path", model, length_flag(script), length, "--per_device_train_batch_size",
+                 batch_size, "--output_dir", output_dir]
+    for flag, value in (("--train_file", train), ("--validation_file", validation),
+                        ("--max_eval_samples", eval_samples), ("--learning_rate", learning_rate)):
+        if value is not None:
+            arguments += [flag, value]
+    return [str(value) for value in [*arguments, *QUIET, *extra]]
 
 
 def read_json(path):
@@ -114,3 +163,16 @@ def run_script(script, *args, cwd=None):
         [sys.executable, str(REPO / script), *map(str, args)],
         capture_output=True, text=True, cwd=cwd, env=os.environ.copy(), timeout=600,
     )
+
+
+# The files whose runs take longest (subprocesses, launches of two processes, the README's quick start) go first, so
+# that pytest-xdist, which hands out whole files, does not leave one of them to run alone at the end.
+LONGEST_FIRST = ["test_distributed.py", "test_readme.py", "test_reliability.py", "test_benchmark.py"]
+
+
+def pytest_collection_modifyitems(items):
+    def rank(item):
+        name = item.path.name
+        return LONGEST_FIRST.index(name) if name in LONGEST_FIRST else len(LONGEST_FIRST)
+
+    items.sort(key=rank)  # stable: the order within a file, and of the other files, stays

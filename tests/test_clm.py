@@ -1,6 +1,5 @@
 """run_clm.py end to end on tiny offline models: training, saved adapters, data formats, resume, errors."""
 
-import dataclasses
 import json
 import logging
 import shutil
@@ -9,19 +8,16 @@ import sys
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import QUIET, read_json, run_script, tiny_run_arguments
-from transformers import EvalPrediction, TrainingArguments
+from conftest import QUIET, read_json, tiny_run_arguments
+from transformers import EvalPrediction
 
 import run_clm
-from adapters import AdapterArguments
 
 
-def clm_args(model, train, validation, output_dir, *extra):
-    return [
-        "--model_name_or_path", str(model), "--train_file", str(train), "--validation_file", str(validation),
-        "--output_dir", str(output_dir), "--block_size", "64", "--per_device_train_batch_size", "8",
-        "--per_device_eval_batch_size", "16", *QUIET, *extra,
-    ]
+# The runs of this module: blocks of 64 tokens in batches of 8, evaluated on the whole validation file, at the
+# Trainer's default learning rate unless a test sets one.
+RUN = {"length": 64, "batch_size": 8, "eval_samples": None, "learning_rate": None}
+FROM_DATASET = {**RUN, "train": None, "validation": None}
 
 
 @pytest.fixture(scope="module")
@@ -30,11 +26,11 @@ def adapter_run(assets, pretrained_gpt2, tmp_path_factory):
     before_dir = tmp_path_factory.mktemp("untrained")
     after_dir = tmp_path_factory.mktemp("trained")
     common = ["--train_adapter", "--adapter_config", "seq_bn", "--do_eval"]
-    before = run_clm.main(clm_args(pretrained_gpt2, assets.code_train, assets.code_validation, before_dir, *common))
-    after = run_clm.main(clm_args(
-        pretrained_gpt2, assets.code_train, assets.code_validation, after_dir, *common,
-        "--do_train", "--max_steps", "150", "--learning_rate", "1e-2",
-    ))
+    before = run_clm.main(tiny_run_arguments(run_clm, assets, before_dir, *common, model=pretrained_gpt2, train="code",
+                                             validation="code", **RUN))
+    after = run_clm.main(tiny_run_arguments(run_clm, assets, after_dir, *common, "--do_train", "--max_steps", "150",
+                                            "--learning_rate", "1e-2", model=pretrained_gpt2, train="code",
+                                            validation="code", **RUN))
     return before, after, after_dir
 
 
@@ -67,10 +63,9 @@ def test_saved_adapter_holds_config_and_weights_but_no_base_model(adapter_run):
 def test_saved_adapter_on_unchanged_base_reproduces_eval_loss(adapter_run, assets, pretrained_gpt2, tmp_path):
     # The reload reads the base model from disk, so equal losses also show that training left the base unchanged.
     _, after, output_dir = adapter_run
-    reloaded = run_clm.main(clm_args(
-        pretrained_gpt2, assets.code_train, assets.code_validation, tmp_path,
-        "--do_eval", "--train_adapter", "--load_adapter", str(output_dir / "clm"),
-    ))
+    reloaded = run_clm.main(tiny_run_arguments(run_clm, assets, tmp_path, "--do_eval", "--train_adapter",
+                                               "--load_adapter", str(output_dir / "clm"), model=pretrained_gpt2,
+                                               train="code", validation="code", **RUN))
     assert reloaded["eval_loss"] == pytest.approx(after["eval_loss"], abs=1e-6)
 
 
@@ -106,8 +101,9 @@ def test_adapter_on_a_base_saved_with_an_adapters_config_logs_to_tensorboard(ass
     config["adapters"] = {"adapters": {}, "config_map": {}, "fusion_config_map": {}, "fusion_name_map": {},
                           "fusions": {}}
     (base / "config.json").write_text(json.dumps(config))
-    run_clm.main(clm_args(base, assets.train, assets.validation, tmp_path / "out", "--do_train", "--max_steps", "1",
-                          "--train_adapter", "--report_to", "tensorboard", "--logging_steps", "1"))
+    run_clm.main(tiny_run_arguments(run_clm, assets, tmp_path / "out", "--do_train", "--max_steps", "1",
+                                    "--train_adapter", "--report_to", "tensorboard", "--logging_steps", "1", model=base,
+                                    **RUN))
     assert list((tmp_path / "out" / "runs").rglob("events.out.tfevents.*"))
     assert (tmp_path / "out" / "clm" / "adapter_config.json").is_file()
 
@@ -135,9 +131,8 @@ def write_data_file(path, lines):
 def test_each_data_file_format(assets, tmp_path, extension):
     train = write_data_file(tmp_path / f"train.{extension}", lines_of(assets.train, 400))
     validation = write_data_file(tmp_path / f"validation.{extension}", lines_of(assets.validation, 100))
-    metrics = run_clm.main(clm_args(
-        assets.tiny_gpt2, train, validation, tmp_path / "out", "--do_train", "--do_eval", "--max_steps", "2",
-    ))
+    metrics = run_clm.main(tiny_run_arguments(run_clm, assets, tmp_path / "out", "--do_train", "--do_eval",
+                                              "--max_steps", "2", train=train, validation=validation, **RUN))
     # Blocks of 64 tokens of the text column alone (.txt keeps each line's line break).
     texts = lines_of(assets.validation, 100)
     if extension == "txt":
@@ -150,7 +145,8 @@ def test_text_column_defaults_to_first_column(assets, tmp_path):
     lines = lines_of(assets.validation, 100)
     path = tmp_path / "validation.csv"
     pd.DataFrame({"body": lines, "id": range(len(lines))}).to_csv(path, index=False)
-    metrics = run_clm.main(clm_args(assets.tiny_gpt2, path, path, tmp_path / "out", "--do_eval"))
+    metrics = run_clm.main(tiny_run_arguments(run_clm, assets, tmp_path / "out", "--do_eval", train=path,
+                                              validation=path, **RUN))
     assert metrics["eval_samples"] > 20
 
 
@@ -159,10 +155,8 @@ def test_local_folder_as_dataset_name(assets, tmp_path):
     folder.mkdir()
     write_data_file(folder / "train.txt", lines_of(assets.train, 300))
     write_data_file(folder / "validation.txt", lines_of(assets.validation, 100))
-    metrics = run_clm.main([
-        "--model_name_or_path", str(assets.tiny_gpt2), "--dataset_name", str(folder), "--do_train", "--do_eval",
-        "--max_steps", "2", "--block_size", "64", "--output_dir", str(tmp_path / "out"), *QUIET,
-    ])
+    metrics = run_clm.main(tiny_run_arguments(run_clm, assets, tmp_path / "out", "--dataset_name", folder,
+                                              "--do_train", "--do_eval", "--max_steps", "2", **FROM_DATASET))
     # The adapter is named by --adapter_name, never by the dataset's path.
     assert metrics["eval_samples"] > 20
 
@@ -171,11 +165,8 @@ def test_adapter_name_comes_from_the_flag_not_the_dataset_path(assets, tmp_path)
     folder = tmp_path / "my.corpus"
     folder.mkdir()
     write_data_file(folder / "train.txt", lines_of(assets.train, 300))
-    run_clm.main([
-        "--model_name_or_path", str(assets.tiny_gpt2), "--dataset_name", str(folder), "--do_train",
-        "--max_steps", "2", "--block_size", "64", "--train_adapter", "--adapter_name", "docs",
-        "--output_dir", str(tmp_path / "out"), *QUIET,
-    ])
+    run_clm.main(tiny_run_arguments(run_clm, assets, tmp_path / "out", "--dataset_name", folder, "--do_train",
+                                    "--max_steps", "2", "--train_adapter", "--adapter_name", "docs", **FROM_DATASET))
     assert (tmp_path / "out" / "docs" / "adapter_config.json").is_file()
 
 
@@ -183,19 +174,15 @@ def test_dataset_saved_to_disk_with_validation_carved_from_train(assets, tmp_pat
     from datasets import Dataset
 
     Dataset.from_dict({"text": lines_of(assets.train, 600)}).save_to_disk(tmp_path / "saved")
-    metrics = run_clm.main([
-        "--model_name_or_path", str(assets.tiny_gpt2), "--dataset_name", str(tmp_path / "saved"), "--do_eval",
-        "--validation_split_percentage", "10", "--block_size", "64", "--output_dir", str(tmp_path / "out"), *QUIET,
-    ])
+    metrics = run_clm.main(tiny_run_arguments(run_clm, assets, tmp_path / "out", "--dataset_name", tmp_path / "saved",
+                                              "--do_eval", "--validation_split_percentage", "10", **FROM_DATASET))
     assert 5 < metrics["eval_samples"] < 60  # 10% of the ~200 blocks that 600 lines give
 
 
 def test_streaming_with_max_train_samples_and_no_validation_split(assets, tmp_path):
-    metrics = run_clm.main([
-        "--model_name_or_path", str(assets.tiny_gpt2), "--train_file", str(assets.train), "--streaming",
-        "--do_train", "--do_eval", "--max_steps", "4", "--max_train_samples", "16", "--max_eval_samples", "8",
-        "--block_size", "64", "--per_device_train_batch_size", "4", "--output_dir", str(tmp_path), *QUIET,
-    ])
+    metrics = run_clm.main(tiny_run_arguments(run_clm, assets, tmp_path, "--streaming", "--do_train", "--do_eval",
+                                              "--max_steps", "4", "--max_train_samples", "16", validation=None,
+                                              length=64, eval_samples=8, learning_rate=None))
     assert read_json(tmp_path / "trainer_state.json")["global_step"] == 4
     assert np.isfinite(metrics["perplexity"])
     assert "train_samples" not in metrics  # a stream has no length to report
@@ -214,12 +201,11 @@ def test_json_arguments_file(assets, tmp_path):
 
 def test_automatic_resume_matches_an_uninterrupted_run(assets, tmp_path, caplog):
     def run(output_dir, max_steps):
-        return run_clm.main(clm_args(
-            assets.tiny_gpt2, assets.train, assets.validation, output_dir, "--do_train", "--do_eval",
-            "--max_eval_samples", "20", "--train_adapter", "--max_steps", str(max_steps),
-            "--lr_scheduler_type", "constant", "--learning_rate", "1e-2", "--save_strategy", "steps",
-            "--save_steps", "4", "--log_level", "info",
-        ))
+        return run_clm.main(tiny_run_arguments(run_clm, assets, output_dir, "--do_train", "--do_eval",
+                                               "--max_eval_samples", "20", "--train_adapter", "--max_steps",
+                                               str(max_steps), "--lr_scheduler_type", "constant", "--learning_rate",
+                                               "1e-2", "--save_strategy", "steps", "--save_steps", "4", "--log_level",
+                                               "info", **RUN))
 
     uninterrupted = run(tmp_path / "straight", 8)
     run(tmp_path / "resumed", 4)
@@ -227,21 +213,6 @@ def test_automatic_resume_matches_an_uninterrupted_run(assets, tmp_path, caplog)
     resumed = run(tmp_path / "resumed", 8)  # finds checkpoint-4 and continues from it
     assert f"Resuming training from {tmp_path / 'resumed' / 'checkpoint-4'}" in caplog.text
     assert resumed["eval_loss"] == pytest.approx(uninterrupted["eval_loss"], abs=1e-5)
-
-
-def test_help_lists_every_argument():
-    result = run_script("run_clm.py", "--help")
-    assert result.returncode == 0
-    groups = [run_clm.ModelArguments, run_clm.DataTrainingArguments, TrainingArguments, run_clm.AdapterGroupArguments]
-    flags = [field.name for group in groups for field in dataclasses.fields(group) if field.init]
-    missing = [flag for flag in flags if f"--{flag}" not in result.stdout]
-    assert not missing
-    assert {"--train_adapter", "--adapter_config", "--load_lang_adapter"} <= {
-        f"--{f.name}" for f in dataclasses.fields(AdapterArguments)}  # the library's flags, all of them shown
-    for headline in ("Model and tokenizer:", "Data:", "Adapter:"):
-        assert f"\n{headline}\n" in result.stdout
-    for group in (run_clm.ModelArguments, run_clm.DataTrainingArguments, run_clm.AdapterGroupArguments):
-        assert all(field.metadata.get("help") for field in dataclasses.fields(group))
 
 
 def test_train_loss_is_the_loss_per_predicted_token(assets, dropout_free, tmp_path):
@@ -264,14 +235,11 @@ def test_accuracy_and_loss_compare_each_prediction_with_the_next_token():
     assert metrics["accuracy"] == pytest.approx(2 / 3) and metrics["loss"] == pytest.approx(3.0)
 
 
-def test_refuses_a_non_empty_output_dir_without_checkpoint_and_leaves_it_alone(assets, tmp_path):
+def test_refuses_a_non_empty_output_dir_without_checkpoint_and_leaves_it_alone(assets, tmp_path, capsys):
     (tmp_path / "notes.txt").write_text("keep me")
-    result = run_script("run_clm.py", *clm_args(assets.tiny_gpt2, assets.train, assets.validation, tmp_path,
-                                                "--do_train"))
-    assert result.returncode == 2
-    assert "Traceback" not in result.stderr
-    assert result.stderr.strip().splitlines()[-1].startswith("run_clm.py: error: --output_dir")
-    assert "--overwrite_output_dir" in result.stderr
+    assert run_clm.cli(tiny_run_arguments(run_clm, assets, tmp_path, "--do_train", **RUN)) == 2
+    [line] = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith("run_clm.py: error: --output_dir") and "--overwrite_output_dir" in line
     assert [path.name for path in tmp_path.iterdir()] == ["notes.txt"]
 
 
@@ -288,38 +256,39 @@ def test_refuses_a_non_empty_output_dir_without_checkpoint_and_leaves_it_alone(a
 )
 def test_usage_errors_name_the_flag(assets, tmp_path, extra, expected):
     with pytest.raises(run_clm.UsageError, match=expected):
-        run_clm.main(clm_args(assets.tiny_gpt2, assets.train, assets.validation, tmp_path, "--do_train", *extra))
+        run_clm.main(tiny_run_arguments(run_clm, assets, tmp_path, "--do_train", *extra, **RUN))
 
 
 def test_data_too_short_for_one_block_names_its_size(assets, tmp_path):
     short = tmp_path / "short.txt"
     short.write_text("Only a few words here.\n")
     with pytest.raises(run_clm.UsageError, match=r"has \d+ tokens in 1 texts.*smaller --block_size"):
-        run_clm.main(clm_args(assets.tiny_gpt2, short, short, tmp_path / "out", "--do_eval"))
+        run_clm.main(tiny_run_arguments(run_clm, assets, tmp_path / "out", "--do_eval", train=short, validation=short,
+                                        **RUN))
 
 
 def test_block_size_larger_than_the_model_is_clamped(assets, tmp_path):
-    metrics = run_clm.main([
-        "--model_name_or_path", str(assets.tiny_gpt2), "--validation_file", str(assets.validation), "--do_eval",
-        "--block_size", "5000", "--output_dir", str(tmp_path), *QUIET,
-    ])
+    metrics = run_clm.main(tiny_run_arguments(run_clm, assets, tmp_path, "--do_eval", train=None, length=5000,
+                                              eval_samples=None, learning_rate=None))
     texts = [line + "\n" for line in lines_of(assets.validation)]
     assert metrics["eval_samples"] == block_count(assets.tiny_gpt2, texts, 256)  # the model's 256 positions
 
 
-def test_without_matplotlib_the_plot_is_skipped_silently(assets, tmp_path, monkeypatch, capsys):
+def test_without_matplotlib_the_summary_says_what_to_install(assets, tmp_path, monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # makes `import matplotlib` raise ImportError
-    run_clm.main(clm_args(assets.tiny_gpt2, assets.train, assets.validation, tmp_path, "--do_train", "--max_steps",
-                          "2", "--train_adapter"))
+    run_clm.main(tiny_run_arguments(run_clm, assets, tmp_path, "--do_train", "--max_steps", "2", "--train_adapter",
+                                    **RUN))
     summary = capsys.readouterr().out.split("***** summary *****")[1]
-    assert "saved adapter:" in summary and "training curves" not in summary
+    assert "saved adapter:" in summary
+    assert "training curves: not drawn: matplotlib is missing (pip install matplotlib)" in summary
     assert not (tmp_path / "training_curves.png").exists()
 
 
 def test_each_data_file_is_read_by_its_own_extension(assets, tmp_path):
     train = write_data_file(tmp_path / "train.txt", lines_of(assets.train, 300))
     validation = write_data_file(tmp_path / "validation.jsonl", lines_of(assets.validation, 100))
-    metrics = run_clm.main(clm_args(assets.tiny_gpt2, train, validation, tmp_path / "out", "--do_eval"))
+    metrics = run_clm.main(tiny_run_arguments(run_clm, assets, tmp_path / "out", "--do_eval", train=train,
+                                              validation=validation, **RUN))
     # The blocks of the json objects' text, not of the json lines read as raw text (which would be many more).
     assert metrics["eval_samples"] == block_count(assets.tiny_gpt2, lines_of(assets.validation, 100), 64)
 
@@ -328,8 +297,8 @@ def test_empty_cells_are_skipped_and_counted(assets, tmp_path, caplog):
     lines = lines_of(assets.validation, 100)
     frame = pd.DataFrame({"text": [line if i % 4 else None for i, line in enumerate(lines)], "id": range(100)})
     frame.to_csv(tmp_path / "gaps.csv", index=False)
-    metrics = run_clm.main(clm_args(assets.tiny_gpt2, tmp_path / "gaps.csv", tmp_path / "gaps.csv", tmp_path / "out",
-                                    "--do_eval", "--log_level", "info"))
+    metrics = run_clm.main(tiny_run_arguments(run_clm, assets, tmp_path / "out", "--do_eval", "--log_level", "info",
+                                              train=tmp_path / "gaps.csv", validation=tmp_path / "gaps.csv", **RUN))
     assert "Skipping 25 empty texts of the validation data." in caplog.text
     assert metrics["eval_samples"] == block_count(assets.tiny_gpt2, [line for i, line in enumerate(lines) if i % 4], 64)
 def test_bf16_advice_follows_the_cpus_native_bf16(tmp_path, monkeypatch, caplog):

@@ -13,7 +13,7 @@ from types import SimpleNamespace
 import model_families_table as families
 import pytest
 import torch
-from conftest import REPO
+from conftest import REPO, tiny_run_arguments
 from transformers import AutoModelForCausalLM, AutoModelForMaskedLM, AutoTokenizer
 
 import run_clm
@@ -164,6 +164,6 @@ def test_a_bad_interface_file_is_refused_in_one_line_naming_the_flag(case, famil
 
 
 def test_an_interface_file_without_train_adapter_is_refused(assets, tmp_path):
-    with pytest.raises(run_clm.UsageError, match="--adapter_interface need --train_adapter"):
-        run_clm.main(["--model_name_or_path", str(assets.tiny_gpt2), "--train_file", str(assets.train),
-                      "--do_train", "--output_dir", str(tmp_path), "--adapter_interface", "interface.json"])
+    with pytest.raises(run_clm.UsageError, match="--adapter_interface names the model's layers for an adapter: add "
+                                                 "--train_adapter, or --load_adapter DIR"):
+        run_clm.main(tiny_run_arguments(run_clm, assets, tmp_path, "--do_train", "--adapter_interface", "interface.json"))

@@ -1,24 +1,20 @@
 """run_mlm.py end to end on tiny offline models: training, fixed evaluation masks, line-by-line data, errors."""
 
-import dataclasses
 from types import SimpleNamespace
 
 import numpy as np
 import pandas as pd
 import pytest
 import torch
-from conftest import QUIET, read_json, run_script
-from transformers import AutoTokenizer, EvalPrediction, TrainingArguments
+from conftest import QUIET, read_json, tiny_run_arguments
+from transformers import AutoTokenizer, EvalPrediction
 
 import run_mlm
 
 
-def mlm_args(model, train, validation, output_dir, *extra):
-    return [
-        "--model_name_or_path", str(model), "--train_file", str(train), "--validation_file", str(validation),
-        "--output_dir", str(output_dir), "--max_seq_length", "64", "--per_device_train_batch_size", "8",
-        "--per_device_eval_batch_size", "16", *QUIET, *extra,
-    ]
+# The runs of this module: blocks of 64 tokens in batches of 8, evaluated on the whole validation file, at the
+# Trainer's default learning rate unless a test sets one.
+RUN = {"length": 64, "batch_size": 8, "eval_samples": None, "learning_rate": None}
 
 
 @pytest.fixture(scope="module")
@@ -27,11 +23,11 @@ def adapter_run(assets, pretrained_roberta, tmp_path_factory):
     before_dir = tmp_path_factory.mktemp("untrained")
     after_dir = tmp_path_factory.mktemp("trained")
     common = ["--train_adapter", "--adapter_config", "seq_bn", "--do_eval"]
-    data = (assets.code_train, assets.code_validation)
-    before = run_mlm.main(mlm_args(pretrained_roberta, *data, before_dir, *common))
-    after = run_mlm.main(mlm_args(
-        pretrained_roberta, *data, after_dir, *common, "--do_train", "--max_steps", "150", "--learning_rate", "1e-2",
-    ))
+    before = run_mlm.main(tiny_run_arguments(run_mlm, assets, before_dir, *common, model=pretrained_roberta,
+                                             train="code", validation="code", **RUN))
+    after = run_mlm.main(tiny_run_arguments(run_mlm, assets, after_dir, *common, "--do_train", "--max_steps", "150",
+                                            "--learning_rate", "1e-2", model=pretrained_roberta, train="code",
+                                            validation="code", **RUN))
     return before, after, after_dir
 
 
@@ -52,16 +48,14 @@ def test_saved_adapter_reloads_to_the_same_eval_loss(adapter_run, assets, pretra
     # Exactly the trained weights, as safetensors: no head (the tied embeddings) and no pickle.
     assert sorted(path.name for path in adapter_dir.iterdir()) == ["adapter.safetensors", "adapter_config.json"]
     assert not list(output_dir.glob("*.safetensors"))  # the frozen base model is not copied
-    reloaded = run_mlm.main(mlm_args(
-        pretrained_roberta, assets.code_train, assets.code_validation, tmp_path,
-        "--do_eval", "--train_adapter", "--load_adapter", str(adapter_dir),
-    ))
+    reloaded = run_mlm.main(tiny_run_arguments(run_mlm, assets, tmp_path, "--do_eval", "--train_adapter",
+                                               "--load_adapter", str(adapter_dir), model=pretrained_roberta,
+                                               train="code", validation="code", **RUN))
     assert reloaded["eval_loss"] == pytest.approx(after["eval_loss"], abs=1e-6)
 
 
 def evaluate(assets, output_dir, *extra):
-    return run_mlm.main(mlm_args(assets.tiny_roberta, assets.train, assets.validation, output_dir, "--do_eval",
-                                 *extra))
+    return run_mlm.main(tiny_run_arguments(run_mlm, assets, output_dir, "--do_eval", *extra, **RUN))
 
 
 def test_evaluation_masks_are_fixed_by_the_seed(assets, tmp_path):
@@ -126,8 +120,8 @@ def test_line_by_line_makes_one_example_per_non_empty_line(assets, tmp_path, pad
 @pytest.mark.parametrize("pad_to_max_length", [False, True])
 def test_line_by_line_trains_and_evaluates(assets, tmp_path, pad_to_max_length):
     flags = ["--pad_to_max_length"] if pad_to_max_length else []
-    metrics = run_mlm.main(mlm_args(assets.tiny_roberta, assets.train, assets.validation, tmp_path,
-                                    "--line_by_line", "--do_train", "--do_eval", "--max_steps", "3", *flags))
+    metrics = run_mlm.main(tiny_run_arguments(run_mlm, assets, tmp_path, "--line_by_line", "--do_train", "--do_eval",
+                                              "--max_steps", "3", *flags, **RUN))
     assert metrics["eval_samples"] == len(assets.validation.read_text().splitlines())
     assert np.isfinite(metrics["perplexity"])
 
@@ -138,8 +132,9 @@ def test_extra_columns_in_line_by_line_mode(assets, tmp_path, extension):
     frame = pd.DataFrame({"id": range(len(lines)), "text": lines, "label": ["prose"] * len(lines)})
     path = tmp_path / f"data.{extension}"
     frame.to_csv(path, index=False) if extension == "csv" else frame.to_json(path, orient="records", lines=True)
-    metrics = run_mlm.main(mlm_args(assets.tiny_roberta, path, path, tmp_path / "out", "--line_by_line",
-                                    "--do_train", "--do_eval", "--max_steps", "2", "--train_adapter"))
+    metrics = run_mlm.main(tiny_run_arguments(run_mlm, assets, tmp_path / "out", "--line_by_line", "--do_train",
+                                              "--do_eval", "--max_steps", "2", "--train_adapter", train=path,
+                                              validation=path, **RUN))
     assert metrics["eval_samples"] == 120
 
 
@@ -169,28 +164,17 @@ def test_accuracy_and_loss_count_masked_positions_only():
     assert metrics["accuracy"] == pytest.approx(2 / 3) and metrics["loss"] == pytest.approx(3.0)
 
 
-def test_help_lists_every_argument():
-    result = run_script("run_mlm.py", "--help")
-    assert result.returncode == 0
-    groups = [run_mlm.ModelArguments, run_mlm.DataTrainingArguments, TrainingArguments, run_mlm.AdapterGroupArguments]
-    missing = [f.name for group in groups for f in dataclasses.fields(group) if f.init and f"--{f.name}" not in
-               result.stdout]
-    assert not missing
-    assert all(f.metadata.get("help") for group in groups[:2] + groups[3:] for f in dataclasses.fields(group))
-
-
-def test_tokenizer_without_mask_token_is_refused_in_one_line(assets, tmp_path):
-    result = run_script("run_mlm.py", "--model_type", "roberta", "--tokenizer_name", assets.gpt2_tokenizer,
-                        "--train_file", assets.train, "--do_train", "--output_dir", tmp_path / "out")
-    assert result.returncode == 2
-    assert "Traceback" not in result.stderr
-    last_line = result.stderr.strip().splitlines()[-1]
-    assert last_line.startswith("run_mlm.py: error: --tokenizer_name") and "no mask token" in last_line
+def test_tokenizer_without_mask_token_is_refused_in_one_line(assets, tmp_path, capsys):
+    arguments = ["--model_type", "roberta", "--tokenizer_name", assets.gpt2_tokenizer, "--train_file", assets.train,
+                 "--do_train", "--output_dir", tmp_path / "out"]
+    assert run_mlm.cli([str(value) for value in arguments]) == 2
+    [line] = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith("run_mlm.py: error: --tokenizer_name") and "no mask token" in line
     assert not (tmp_path / "out").exists()
 
 
 @pytest.mark.parametrize("probability", ["0", "1", "1.5", "-0.1"])
 def test_mlm_probability_outside_zero_one_is_refused(assets, tmp_path, probability):
     with pytest.raises(run_mlm.UsageError, match=f"--mlm_probability {probability}"):
-        run_mlm.main(mlm_args(assets.tiny_roberta, assets.train, assets.validation, tmp_path, "--do_train",
-                              "--mlm_probability", probability))
+        run_mlm.main(tiny_run_arguments(run_mlm, assets, tmp_path, "--do_train", "--mlm_probability", probability,
+                                        **RUN))

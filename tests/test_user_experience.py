@@ -1,0 +1,214 @@
+"""What a new user meets first: --help, what a run prints, an eval-only run, the plot, a hub name without network."""
+
+import ast
+import dataclasses
+import importlib.metadata
+import logging
+import math
+import re
+import warnings
+from types import SimpleNamespace
+
+import huggingface_hub
+import pytest
+import transformers
+from conftest import REPO, noise_in, tiny_run_arguments
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
+from safetensors.torch import load_file
+from transformers import TrainingArguments
+
+import run_clm
+import run_mlm
+
+SCRIPTS = pytest.mark.parametrize("script", [run_clm, run_mlm], ids=["clm", "mlm"])
+
+
+def help_text(script, flag, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        script.cli([flag])
+    assert exit_info.value.code == 0
+    return capsys.readouterr().out
+
+
+@SCRIPTS
+def test_help_shows_the_scripts_groups_first_then_the_trainers_most_used_flags(script, capsys):
+    text = help_text(script, "--help", capsys)
+    headings = re.findall(r"^(\S.*):$", text, flags=re.MULTILINE)
+    assert headings == ["Model and tokenizer", "Data", "Adapter", "Early stopping and samples",
+                        "Training (the Trainer's flags)", "Help"]
+    assert {"--learning_rate", "--num_train_epochs", "--eval_steps", "--help-all"} <= set(re.findall(r"--[\w-]+", text))
+    assert "--torch_empty_cache_steps" not in text and "--deepspeed" not in text  # only under --help-all
+    assert len(text.splitlines()) < 300  # it was 817 lines
+
+
+@SCRIPTS
+def test_help_all_lists_every_flag_and_renders_every_help_text(script, capsys):
+    text = help_text(script, "--help-all", capsys)
+    groups = [script.ModelArguments, script.DataTrainingArguments, TrainingArguments, script.AdapterGroupArguments,
+              script.EvaluationArguments]
+    assert not [f.name for group in groups for f in dataclasses.fields(group) if f.init and f"--{f.name}" not in text]
+    own = [f for group in groups if group is not TrainingArguments for f in dataclasses.fields(group) if f.init]
+    assert all(f.metadata.get("help") for f in own)
+    headings = re.findall(r"^(\S.*):$", text, flags=re.MULTILINE)
+    assert headings == ["Model and tokenizer", "Data", "Adapter", "Early stopping and samples",
+                        "Training (the Trainer's flags)", "Help"]
+    flat = " ".join(text.split())
+    assert "at a cost of about [10% slower performance]" in flat  # a bare % made argparse print a dict here
+    assert "'option_strings'" not in flat
+    assert "local folder" in flat.split("--load_adapter LOAD_ADAPTER")[1].split("--adapter_config")[0]
+    # Each --no_X that HfArgumentParser adds says that it turns --X off, not what --X does.
+    negations = dict(re.findall(r"^  --no_(\w+), --no-[\w-]+\n +(.*)$", text, flags=re.MULTILINE))
+    assert {"use_fast_tokenizer", "dataloader_pin_memory", "remove_unused_columns"} <= negations.keys()
+    assert all(first_line.startswith(f"Turn --{flag} off") for flag, first_line in negations.items())
+
+
+def test_a_negated_flag_turns_its_flag_off():
+    _, data_args, training_args, *_ = run_clm.parse_arguments(["--no_keep_linebreaks", "--no_remove_unused_columns"])
+    assert data_args.keep_linebreaks is False and training_args.remove_unused_columns is False
+    _, data_args, training_args, *_ = run_clm.parse_arguments([])
+    assert data_args.keep_linebreaks is True and training_args.remove_unused_columns is True
+
+
+@pytest.fixture
+def run_and_read(capsys, caplog):
+    """Run a script's main() in this process; returns its metrics and all it printed, logged and warned."""
+    # transformers' loggers do not propagate to the root logger that caplog listens on.
+    transformers_logger = logging.getLogger("transformers")
+    transformers_logger.addHandler(caplog.handler)
+    # A run logs at the level transformers is set to; a fresh process's is warning, an earlier test may leave info.
+    verbosity = transformers.utils.logging.get_verbosity()
+    transformers.utils.logging.set_verbosity_warning()
+
+    def run(script, arguments):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            metrics = script.main(arguments)
+        printed = capsys.readouterr()
+        text = "\n".join([printed.out, printed.err, caplog.text, *(str(warning.message) for warning in caught)])
+        caplog.clear()
+        return metrics, text
+
+    yield run
+    transformers_logger.removeHandler(caplog.handler)
+    transformers.utils.logging.set_verbosity(verbosity)
+
+
+@SCRIPTS
+def test_a_saved_adapter_is_evaluated_without_train_adapter_quietly(script, assets, tmp_path, run_and_read):
+    name = "clm" if script is run_clm else "mlm"
+    trained, _ = run_and_read(script, tiny_run_arguments(
+        script, assets, tmp_path / "train", "--do_train", "--do_eval", "--max_steps", "2", "--train_adapter"))
+    adapter = tmp_path / "train" / name
+    evaluated, text = run_and_read(script, tiny_run_arguments(
+        script, assets, tmp_path / "eval", "--do_eval", "--load_adapter", adapter))
+    assert evaluated["eval_loss"] == pytest.approx(trained["eval_loss"], abs=1e-6)
+    assert not noise_in(text)
+    summary = text.split("***** summary *****")[1]
+    assert "trainable parameters" not in summary and "training curves" not in summary
+    adapter_size = sum(tensor.numel() for tensor in load_file(adapter / "adapter.safetensors").values())
+    assert re.search(rf"model: frozen, nothing trained: [\d,]+ parameters evaluated, {adapter_size:,} \([\d.]+%\) "
+                     rf"of them in adapter {name} \({re.escape(str(adapter))}, [\d.]+ MB\)", summary)
+    with pytest.raises(script.UsageError, match="with --do_train trains the adapter further: add --train_adapter"):
+        script.main(tiny_run_arguments(script, assets, tmp_path / "more", "--do_train", "--load_adapter", adapter))
+
+
+def test_an_eval_only_run_without_adapter_says_the_model_is_frozen(assets, tmp_path, run_and_read):
+    _, text = run_and_read(run_clm, tiny_run_arguments(run_clm, assets, tmp_path, "--do_eval"))
+    summary = text.split("***** summary *****")[1]
+    assert re.search(r"model: frozen, nothing trained: [\d,]+ parameters evaluated as loaded\n", summary)
+    assert "trainable parameters" not in summary
+    assert not noise_in(text)
+
+
+def test_a_hub_name_without_network_fails_at_once_in_one_line(assets, tmp_path, monkeypatch):
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", "http://127.0.0.1:9")  # nothing listens there
+    huggingface_hub.utils.reset_sessions()  # the cached session was made for offline mode
+    try:
+        with pytest.raises(run_clm.UsageError, match=re.escape(
+                "--model_name_or_path gpt2 is not a local folder, and the Hugging Face Hub (http://127.0.0.1:9) "
+                "cannot be reached (ConnectionError); give a local folder, or set HF_HUB_OFFLINE=1")):
+            run_clm.main(tiny_run_arguments(run_clm, assets, tmp_path, "--do_train", "--model_name_or_path", "gpt2"))
+        # Local folders alone never ask the network.
+        arguments = run_clm.parse_arguments(tiny_run_arguments(run_clm, assets, tmp_path))
+        model_args, data_args, _, adapter_args, _ = arguments
+        run_clm.check_hub_is_reachable(model_args, data_args, adapter_args)
+    finally:
+        monkeypatch.undo()
+        huggingface_hub.utils.reset_sessions()
+    assert not any(tmp_path.iterdir())  # refused before anything was written
+
+
+def drawn_figure(history, tmp_path, monkeypatch):
+    import matplotlib.pyplot as plt
+
+    figures = []
+    monkeypatch.setattr(plt, "close", figures.append)
+    trainer = SimpleNamespace(state=SimpleNamespace(log_history=history), is_world_process_zero=lambda: True)
+    path = run_clm.plot_training_curves(trainer, SimpleNamespace(do_train=True, output_dir=str(tmp_path)))
+    assert path == str(tmp_path / "training_curves.png") and (tmp_path / "training_curves.png").is_file()
+    return figures[0]
+
+
+def test_the_plot_draws_eval_perplexity_and_accuracy_curves(tmp_path, monkeypatch):
+    pytest.importorskip("matplotlib")
+    evaluations = [(0, 5.2, 0.07), (10, 3.9, 0.30), (20, 3.5, 0.42)]
+    history = [{"step": step, "eval_loss": loss, "eval_accuracy": accuracy} for step, loss, accuracy in evaluations]
+    history.insert(2, {"step": 10, "loss": 4.1})
+    history.append(dict(history[-1]))  # the final evaluation repeats the last periodic one
+    figure = drawn_figure(history, tmp_path, monkeypatch)
+    loss, perplexity, accuracy = figure.axes
+    assert [axes.get_title() for axes in figure.axes] == ["Loss", "Eval perplexity", "Eval accuracy"]
+    assert list(perplexity.lines[0].get_xdata()) == [0, 10, 20]
+    assert list(perplexity.lines[0].get_ydata()) == pytest.approx([math.exp(loss) for _, loss, _ in evaluations])
+    assert list(accuracy.lines[0].get_ydata()) == [0.07, 0.30, 0.42]
+    assert [line.get_label() for line in loss.lines] == ["train loss", "eval loss"]
+
+
+def test_a_single_evaluation_is_written_on_the_plot_not_drawn_as_a_dot(tmp_path, monkeypatch):
+    pytest.importorskip("matplotlib")
+    history = [{"step": 10, "loss": 4.1}, {"step": 20, "loss": 3.6},
+               {"step": 20, "eval_loss": 3.5, "eval_accuracy": 0.42}]
+    figure = drawn_figure(history, tmp_path, monkeypatch)
+    [axes] = figure.axes
+    assert [line.get_label() for line in axes.lines] == ["train loss"]
+    [note] = axes.texts
+    assert f"perplexity {math.exp(3.5):.2f}, accuracy 0.4200" in note.get_text().replace("\n", " ")
+    assert "--eval_strategy steps --eval_steps N" in note.get_text()
+
+
+def distribution_closure(names):
+    """The given distributions and everything they require, as installed here (extras left out)."""
+    closure, pending = set(), [canonicalize_name(name) for name in names]
+    while pending:
+        name = pending.pop()
+        if name in closure:
+            continue
+        closure.add(name)
+        for line in importlib.metadata.requires(name) or []:
+            requirement = Requirement(line)
+            if requirement.marker is None or requirement.marker.evaluate({"extra": ""}):
+                pending.append(canonicalize_name(requirement.name))
+    return closure
+
+
+def test_requirements_txt_alone_gives_the_scripts_every_package_they_import():
+    """`pip install -r requirements.txt` must deliver what README promises, the plot included: its matplotlib is
+    imported only when the plot is drawn, so no other package brings it along."""
+    lines = (REPO / "requirements.txt").read_text().splitlines()
+    required = [Requirement(line).name for line in lines if line.strip() and not line.startswith(("#", "-"))]
+    installable = distribution_closure(required)
+    modules = set()
+    for script in ("run_clm.py", "run_mlm.py"):
+        for node in ast.walk(ast.parse((REPO / script).read_text())):
+            if isinstance(node, ast.Import):
+                modules.update(alias.name.split(".")[0] for alias in node.names)
+            elif isinstance(node, ast.ImportFrom) and node.level == 0:
+                modules.add(node.module.split(".")[0])
+    distributions = importlib.metadata.packages_distributions()  # installed packages only: no standard library
+    third_party = modules & distributions.keys()
+    assert {"torch", "adapters", "matplotlib"} <= third_party
+    missing = [module for module in third_party
+               if not {canonicalize_name(name) for name in distributions[module]} & installable]
+    assert not missing, f"imported but not brought by requirements.txt: {missing}"

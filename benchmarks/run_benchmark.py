@@ -3,7 +3,8 @@
 
     python benchmarks/run_benchmark.py            # GPT-2 small / RoBERTa base width, 6 layers: ~13 min on 2 cores
     python benchmarks/run_benchmark.py --quick    # 2 layers, 256 wide, one round, no compile: ~2 min
-    python benchmarks/run_benchmark.py --memory   # memory only, 12 layers (checkpointing, 4-bit): ~15-40 min
+    python benchmarks/run_benchmark.py --memory   # memory only, 12 layers (checkpointing, 4-bit): ~18 min
+    python benchmarks/run_benchmark.py --smoke    # the tests' tiny models: checks that it runs, ~1 min
 
 Everything is built on the spot, in a temporary folder, from text that every Python install has (the standard
 library's source): a corpus, byte-level BPE tokenizers with GPT-2 and RoBERTa special tokens, and models with
@@ -63,6 +64,7 @@ import torch  # noqa: E402
 from datasets import Dataset, load_from_disk  # noqa: E402
 
 import make_tiny_assets  # noqa: E402
+from list_chaining import chained_group_texts  # noqa: E402
 import run_clm  # noqa: E402
 import run_mlm  # noqa: E402
 
@@ -111,6 +113,8 @@ BASE = Shape("6x768", layers=6, hidden=768, heads=12, block=256)
 FULL_DEPTH = Shape("12x768", layers=12, hidden=768, heads=12, block=256)
 # With the real vocabulary, the output layer alone would make the small shape's steps as slow as the large ones.
 SMALL = Shape("2x256", layers=2, hidden=256, heads=4, block=128, vocab=8192)
+# The tests' size, for --smoke: a check that every part of the benchmark still runs, not a measurement.
+TINY = Shape("2x64", layers=2, hidden=64, heads=2, block=32, vocab=1000)
 
 
 @dataclass(frozen=True)
@@ -122,6 +126,7 @@ class Mode:
     steps: int  # timed optimizer steps per training run, after one warm-up step
     methods: tuple
     variants: tuple  # run on SMALL: "bf16", "compile"
+    trained: tuple = ("run_clm", "run_mlm")  # the scripts whose training is measured
 
 
 MODES = {
@@ -131,6 +136,8 @@ MODES = {
     # Compiling alone would take most of a minute.
     "quick": Mode(SMALL, corpus_chars=1_000_000, preprocessing_repeats=1, rounds=1, steps=2, methods=METHODS,
                   variants=("bf16",)),
+    "smoke": Mode(TINY, corpus_chars=100_000, preprocessing_repeats=1, rounds=1, steps=1, methods=("seq_bn",),
+                  variants=(), trained=("run_clm",)),
 }
 
 START = time.perf_counter()
@@ -267,7 +274,7 @@ def bf16_linear_speedup(tokens=1024, hidden=768, repeats=3):
 
 
 def script_arguments(name, tokenizer_dir, block, corpus, work, *extra):
-    """The four argument groups, as the script parses them from a command line."""
+    """The argument groups, as the script parses them from a command line."""
     return SCRIPTS[name].parse_arguments([
         "--tokenizer_name", str(tokenizer_dir), "--train_file", str(corpus), "--do_train",
         LENGTH_FLAG[name], str(block), "--output_dir", str(work / "preprocess-output"),
@@ -282,7 +289,7 @@ def time_preprocess(name, tokenizer_dir, block, corpus, work, workers, same_file
     extra = ["--preprocessing_num_workers", str(workers)] if workers > 1 else []
     if same_file_validation:
         extra += ["--validation_file", str(corpus), "--do_eval"]
-    model_args, data_args, training_args, _ = script_arguments(name, tokenizer_dir, block, corpus, work, *extra)
+    model_args, data_args, training_args, *_ = script_arguments(name, tokenizer_dir, block, corpus, work, *extra)
     raw_datasets = module.load_raw_datasets(model_args, data_args, training_args)
     tokenizer = module.load_tokenizer(model_args)
     with Stopwatch() as watch:
@@ -293,7 +300,7 @@ def time_preprocess(name, tokenizer_dir, block, corpus, work, workers, same_file
 def corpus_texts(name, tokenizer_dir, block, corpus, work):
     """The texts exactly as the script reads them (one per line, line breaks kept)."""
     module = SCRIPTS[name]
-    model_args, data_args, training_args, _ = script_arguments(name, tokenizer_dir, block, corpus, work)
+    model_args, data_args, training_args, *_ = script_arguments(name, tokenizer_dir, block, corpus, work)
     return list(module.load_raw_datasets(model_args, data_args, training_args)["train"]["text"])
 
 
@@ -331,20 +338,6 @@ def time_bare_tokenizer(tokenizer, texts, workers):
                     multiprocessing.get_context("fork").Pool(workers) as pool:
                 tokens = sum(pool.map(_count_tokens, bounds))
     return watch, tokens
-
-
-def chained_group_texts(examples, block_size, with_labels):
-    """group_texts of the Hugging Face examples: chain the Python lists, slice them, drop the remainder."""
-    concatenated_examples = {k: list(chain(*examples[k])) for k in examples.keys()}
-    total_length = len(concatenated_examples[list(examples.keys())[0]])
-    total_length = (total_length // block_size) * block_size
-    result = {
-        k: [t[i : i + block_size] for i in range(0, total_length, block_size)]
-        for k, t in concatenated_examples.items()
-    }
-    if with_labels:  # run_clm.py leaves a block's first token, which nothing predicts, out of the labels
-        result["labels"] = [[-100, *block[1:]] for block in result["input_ids"]]
-    return result
 
 
 def measure_grouping(name, tokenizer, texts, block, work):
@@ -463,7 +456,7 @@ class Run:
 
 def schedule(mode):
     """Rounds of training runs: every script and method once per round, in reverse order every other round."""
-    grid = [Run(script, method, mode.shape) for method in mode.methods for script in SCRIPTS]
+    grid = [Run(script, method, mode.shape) for method in mode.methods for script in mode.trained]
     rounds = [grid if index % 2 == 0 else grid[::-1] for index in range(mode.rounds)]
     variants = [Run("run_clm", "seq_bn", SMALL, variant) for variant in mode.variants]
     if variants and mode.shape != SMALL:
@@ -627,8 +620,9 @@ def summarise_memory(runs):
         if base is not None and run.variant != "fp32":
             base_growth = base["train_peak_rss_mib"] - base["train_start_rss_mib"]
             row.update(model_x=result["model_mib"] / base["model_mib"],
-                       train_peak_x=result["train_peak_rss_mib"] / base["train_peak_rss_mib"],
-                       training_growth_x=growth / base_growth)
+                       train_peak_x=result["train_peak_rss_mib"] / base["train_peak_rss_mib"])
+            if base_growth > 0:  # a tiny model may add nothing that the resident memory shows
+                row["training_growth_x"] = growth / base_growth
         rows.append(row)
     return rows
 
@@ -822,6 +816,8 @@ def markdown(results, mode):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="a small shape and one round: under 3 minutes")
+    parser.add_argument("--smoke", action="store_true",
+                        help="the tests' tiny models, one step per run: checks that the benchmark runs, in about a minute")
     parser.add_argument("--memory", action="store_true",
                         help="only the memory of gradient checkpointing and 4-bit/8-bit bases, at 12 layers")
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results", help="folder for the results")
@@ -829,7 +825,7 @@ def main(argv=None):
     if args.memory:
         run_memory_benchmark(args.out)
         return
-    mode_name = "quick" if args.quick else "full"
+    mode_name = "smoke" if args.smoke else "quick" if args.quick else "full"
     mode = MODES[mode_name]
     load_before = os.getloadavg()[0]
     with tempfile.TemporaryDirectory(prefix="lm-benchmark-") as folder:

@@ -7,7 +7,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import QUIET, run_script
+from conftest import QUIET, run_script, tiny_run_arguments
 
 import run_clm
 import run_mlm
@@ -152,12 +152,9 @@ def inputs(assets, tmp_path_factory):
     )
 
 
-def base_arguments(script, assets, output_dir):
-    # --overwrite_output_dir lets each mistake get past the output folder check, which would refuse first.
-    model = assets.tiny_gpt2 if script is run_clm else assets.tiny_roberta
-    length_flag = "--block_size" if script is run_clm else "--max_seq_length"
-    return ["--model_name_or_path", model, "--do_train", "--max_steps", "1", length_flag, "64",
-            "--output_dir", output_dir, "--overwrite_output_dir", *QUIET]
+# Arguments that get each mistake as far as the check that should refuse it: --overwrite_output_dir past the output
+# folder check, which would refuse first, and no data files unless the case gives them.
+CHECK_ONLY = {"train": None, "validation": None, "length": 64, "eval_samples": None, "learning_rate": None}
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -168,7 +165,8 @@ def test_bad_input_ends_in_one_line_and_touches_nothing(case, inputs, tmp_path, 
     (output_dir / "all_results.json").write_text('{"perplexity": 12.5}')
     extra = extra(inputs, tmp_path)
     data = [] if case == "no data" or "--train_file" in extra else ["--train_file", inputs.train]
-    argv = [str(value) for value in [*base_arguments(script, inputs, output_dir), *data, *extra]]
+    argv = tiny_run_arguments(script, inputs, output_dir, "--do_train", "--max_steps", "1", "--overwrite_output_dir",
+                              *data, *extra, **CHECK_ONLY)
     capsys.readouterr()
 
     assert script.cli(argv) == 2
@@ -192,7 +190,8 @@ def test_json_arguments_file_mistakes(tmp_path, capsys):
 
 
 def test_half_written_checkpoint_is_not_resumed_from(assets, tmp_path):
-    args = [str(value) for value in base_arguments(run_clm, assets, tmp_path)] + ["--train_file", str(assets.train)]
+    args = tiny_run_arguments(run_clm, assets, tmp_path, "--do_train", "--max_steps", "1", "--overwrite_output_dir",
+                              **{**CHECK_ONLY, "train": "prose"})
     run_clm.main([*args, "--max_steps", "2", "--save_strategy", "steps", "--save_steps", "2", "--train_adapter"])
     half_written = tmp_path / "checkpoint-4"
     half_written.mkdir()
@@ -262,10 +261,8 @@ def test_a_second_run_into_a_folder_in_use_is_refused_and_a_dead_runs_lock_is_no
 
 def test_resuming_from_a_checkpoint_of_another_kind_of_run_is_refused(assets, tmp_path, capsys):
     def arguments(output_dir, *extra):
-        return [str(value) for value in [
-            "--model_name_or_path", assets.tiny_gpt2, "--train_file", assets.train, "--do_train", "--block_size", "32",
-            "--max_steps", "4", "--save_strategy", "steps", "--save_steps", "2", "--output_dir", output_dir,
-            "--report_to", "none", "--disable_tqdm", "true", *extra]]
+        return tiny_run_arguments(run_clm, assets, output_dir, "--do_train", "--max_steps", "4", "--save_strategy",
+                                  "steps", "--save_steps", "2", *extra, validation=None, eval_samples=None)
 
     run_clm.main(arguments(tmp_path / "seq_bn", "--max_steps", "2", "--train_adapter"))
     assert run_clm.cli(arguments(tmp_path / "seq_bn", "--train_adapter", "--adapter_config", "lora")) == 2
@@ -285,8 +282,8 @@ def test_resuming_from_a_checkpoint_of_another_kind_of_run_is_refused(assets, tm
     (["--fp16", "--use_cpu", "--torch_dtype", "float16"], "--fp16 needs a GPU"),
 ])
 def test_half_precision_flags_without_a_gpu_name_the_flag_and_the_fix(assets, tmp_path, capsys, flags, expected):
-    arguments = [str(value) for value in [*base_arguments(run_clm, assets, tmp_path), "--train_file", assets.train,
-                                          "--train_adapter", *flags]]
+    arguments = tiny_run_arguments(run_clm, assets, tmp_path, "--do_train", "--max_steps", "1", "--train_adapter",
+                                   "--overwrite_output_dir", *flags, **{**CHECK_ONLY, "train": "prose"})
     assert run_clm.cli(arguments) == 2
     assert expected in capsys.readouterr().err.strip().splitlines()[-1]
 

@@ -2,14 +2,13 @@
 
 Both scripts concatenate a batch of tokenized texts (an Arrow table, as `datasets` hands it over in Arrow format)
 and cut it into blocks of block_size tokens, dropping the remainder of each batch, with an attention mask of ones;
-run_clm.py also adds labels equal to the input ids, but -100 for each block's first token. The reference below does
+run_clm.py also adds labels equal to the input ids, but -100 for each block's first token. The reference (tools/list_chaining.py) does
 the same with plain Python lists, as the Hugging Face examples do with the tokenizer's attention masks, and every
 case must give the same blocks in the same order: random text lengths and block sizes (hypothesis), remainders,
 empty texts, empty batches, and batches of the size `datasets` hands over. And a file given as both training and
 validation data is grouped once.
 """
 
-from itertools import chain
 from pathlib import Path
 
 import numpy as np
@@ -18,18 +17,10 @@ import pytest
 from conftest import tiny_run_arguments
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
+from list_chaining import chained_group_texts
 
 import run_clm
 import run_mlm
-
-
-def chained_blocks(examples, block_size):
-    """Chain each column's lists into one, cut it every block_size tokens and drop what is left over."""
-    concatenated = {key: list(chain.from_iterable(sequences)) for key, sequences in examples.items()}
-    usable = len(concatenated["input_ids"]) // block_size * block_size
-    return {
-        key: [tokens[i:i + block_size] for i in range(0, usable, block_size)] for key, tokens in concatenated.items()
-    }
 
 
 def tokenized_batch(lengths, first_id=0):
@@ -57,11 +48,11 @@ def as_lists(table):
 
 def check_same_blocks(lengths, block_size, first_id=0):
     batch = tokenized_batch(lengths, first_id)
-    mlm_expected = chained_blocks(batch, block_size)
+    mlm_expected = chained_group_texts(batch, block_size)
     assert as_lists(run_mlm.group_texts(as_arrow(batch, ["input_ids", "special_tokens_mask"]), block_size)) == (
         mlm_expected)
-    clm_expected = {key: mlm_expected[key] for key in ("input_ids", "attention_mask")}
-    clm_expected["labels"] = [[-100, *block[1:]] for block in mlm_expected["input_ids"]]
+    clm_batch = {key: batch[key] for key in ("input_ids", "attention_mask")}
+    clm_expected = chained_group_texts(clm_batch, block_size, with_labels=True)
     assert as_lists(run_clm.group_texts(as_arrow(batch, ["input_ids"]), block_size)) == clm_expected
 
 
@@ -99,12 +90,13 @@ def test_a_validation_file_that_is_the_training_file_is_tokenized_and_grouped_on
         return group_texts(batch, block_size)
 
     monkeypatch.setattr(script, "group_texts", counting_group_texts)
-    metrics = script.main(tiny_run_arguments(
-        script, assets, tmp_path, "--validation_file", assets.train, "--do_train", "--do_eval", "--max_steps", "1",
-        "--max_eval_samples", "1000000", "--overwrite_cache",
-    ))
-    lines = len(Path(assets.train).read_text(encoding="utf-8").splitlines())
-    assert sum(grouped_texts) == lines  # every line of the file once, not once per split
+    texts = tmp_path / "texts.txt"
+    lines = Path(assets.train).read_text(encoding="utf-8").splitlines(keepends=True)[:400]
+    texts.write_text("".join(lines), encoding="utf-8")
+    metrics = script.main(tiny_run_arguments(script, assets, tmp_path / "out", "--do_train", "--do_eval",
+                                             "--max_steps", "1", "--overwrite_cache", train=texts, validation=texts,
+                                             eval_samples=None))
+    assert sum(grouped_texts) == len(lines)  # every line of the file once, not once per split
     assert metrics["eval_samples"] == metrics["train_samples"]  # evaluated on all of it
 
 

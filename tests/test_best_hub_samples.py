@@ -51,11 +51,10 @@ def best_run(request, assets, fake_hub, tmp_path_factory):
     base = request.getfixturevalue("pretrained_gpt2" if script is run_clm else "pretrained_roberta")
     output_dir = tmp_path_factory.mktemp(f"best-{request.param}")
     metrics = script.main(tiny_run_arguments(
-        script, assets, output_dir, "--model_name_or_path", base, "--train_file", assets.code_train,
-        "--do_train", "--do_eval", "--train_adapter", "--max_steps", "8", "--eval_strategy", "steps",
-        "--eval_steps", "1", "--save_strategy", "steps", "--save_steps", "1", "--load_best_model_at_end",
-        "--push_to_hub", "--hub_model_id", f"user/tiny-{request.param}", "--hub_strategy", "end",
-        *extra,
+        script, assets, output_dir, "--do_train", "--do_eval", "--train_adapter", "--max_steps", "8",
+        "--eval_strategy", "steps", "--eval_steps", "1", "--save_strategy", "steps", "--save_steps", "1",
+        "--load_best_model_at_end", "--push_to_hub", "--hub_model_id", f"user/tiny-{request.param}",
+        "--hub_strategy", "end", *extra, model=base, train="code",
     ))
     state = read_json(output_dir / "trainer_state.json")
     evaluations = {entry["step"]: entry for entry in state["log_history"] if "eval_loss" in entry and "step" in entry}
@@ -96,8 +95,7 @@ def test_pushed_adapter_sits_at_the_repository_root_and_loads_back(best_run, ass
     assert f'model.load_adapter("user/tiny-{script.__name__.removeprefix("run_")}", set_active=True)' in card
     assert f"Evaluation: loss {metrics['eval_loss']:.4f}" in card
     reloaded = script.main(tiny_run_arguments(
-        script, assets, tmp_path, "--model_name_or_path", base, "--do_eval", "--train_adapter",
-        "--load_adapter", repo,
+        script, assets, tmp_path, "--do_eval", "--train_adapter", "--load_adapter", repo, model=base,
     ))
     assert reloaded["eval_loss"] == pytest.approx(metrics["eval_loss"], abs=1e-6)
     assert reloaded["eval_accuracy"] == pytest.approx(metrics["eval_accuracy"], abs=1e-6)

@@ -7,7 +7,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import QUIET, run_script, tiny_run_arguments
+from conftest import run_script, tiny_run_arguments
 
 import run_clm
 import run_mlm
@@ -212,9 +212,7 @@ def test_the_real_command_line_exits_2_without_traceback(assets, tmp_path):
 
 def test_an_evaluation_never_writes_over_a_folder_of_other_work(assets, tmp_path, capsys):
     (tmp_path / "README.md").write_text("my notes")
-    arguments = [str(value) for value in [
-        "--model_name_or_path", assets.tiny_gpt2, "--validation_file", assets.validation, "--do_eval",
-        "--max_eval_samples", "4", "--block_size", "32", "--output_dir", tmp_path, *QUIET]]
+    arguments = tiny_run_arguments(run_clm, assets, tmp_path, "--do_eval", train=None, eval_samples=4)
     assert run_clm.cli(arguments) == 2
     assert "--output_dir" in capsys.readouterr().err
     assert sorted(path.name for path in tmp_path.iterdir()) == ["README.md"]
@@ -228,9 +226,8 @@ def test_an_evaluation_never_writes_over_a_folder_of_other_work(assets, tmp_path
 def test_an_output_dir_that_cannot_be_a_folder_is_refused_before_the_model_loads(assets, tmp_path, capsys, where):
     (tmp_path / "taken").write_text("a file, not a folder")
     output_dir = tmp_path / "taken" if where == "a file" else tmp_path / "taken" / "out"
-    arguments = [str(value) for value in [
-        "--model_name_or_path", tmp_path / "no-model-here", "--train_file", assets.train, "--do_train",
-        "--output_dir", output_dir, *QUIET]]
+    arguments = tiny_run_arguments(run_clm, assets, output_dir, "--do_train", model=tmp_path / "no-model-here",
+                                   validation=None)
     assert run_clm.cli(arguments) == 2
     line = capsys.readouterr().err.strip().splitlines()[-1]
     # Refused for the folder, though the model named does not exist either: the folder is checked first.
@@ -243,9 +240,8 @@ def test_a_second_run_into_a_folder_in_use_is_refused_and_a_dead_runs_lock_is_no
 
     output_dir = tmp_path / "out"
     output_dir.mkdir()
-    arguments = [str(value) for value in [
-        "--model_name_or_path", assets.tiny_gpt2, "--train_file", assets.train, "--do_train", "--max_steps", "1",
-        "--block_size", "32", "--train_adapter", "--output_dir", output_dir, *QUIET]]
+    arguments = tiny_run_arguments(run_clm, assets, output_dir, "--do_train", "--max_steps", "1", "--train_adapter",
+                                   validation=None)
     with open(output_dir / run_clm.LOCK_FILE, "w") as lock:  # as a live run holds it
         lock.write("4242")
         lock.flush()

@@ -7,7 +7,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import QUIET, REPO, noise_in, read_json
+from conftest import REPO, noise_in, read_json, tiny_run_arguments
 
 import run_clm
 import run_mlm
@@ -73,10 +73,8 @@ def test_masked_lm_quick_start_works_offline_as_written(assets, tmp_path, monkey
 
 
 def test_python_snippet_loads_a_trained_adapter(assets, pretrained_gpt2, tmp_path):
-    run_clm.main([
-        "--model_name_or_path", str(pretrained_gpt2), "--train_file", str(assets.code_train), "--do_train",
-        "--max_steps", "2", "--block_size", "32", "--train_adapter", "--output_dir", str(tmp_path), *QUIET,
-    ])
+    run_clm.main(tiny_run_arguments(run_clm, assets, tmp_path, "--do_train", "--max_steps", "2", "--train_adapter",
+                                    model=pretrained_gpt2, train="code", validation=None, learning_rate=None))
     snippet = fenced_blocks("python")[0]
     snippet = snippet.replace("outputs/tiny-gpt2", str(pretrained_gpt2))
     snippet = snippet.replace("outputs/code-adapter/clm", str(tmp_path / "clm"))

@@ -896,8 +896,8 @@ def check_quantization_arguments(model_args, adapter_args):
         )
     if model_args.torch_dtype not in (None, "float32"):
         raise UsageError(
-            f"--torch_dtype {model_args.torch_dtype} cannot be combined with {flag}: the layers left unquantized run in "
-            "float32 like the adapter, which adapters cannot mix with 16-bit layers; leave --torch_dtype out."
+            f"--torch_dtype {model_args.torch_dtype} cannot be combined with {flag}: the layers left unquantized run "
+            "in float32 like the adapter, which adapters cannot mix with 16-bit layers; leave --torch_dtype out."
         )
     if importlib.util.find_spec("bitsandbytes") is None:
         raise UsageError(f"{flag} needs the bitsandbytes package: pip install -r requirements-quantization.txt")
@@ -1826,8 +1826,8 @@ def check_adapter_trains(model, tokenizer, data_collator, model_args, training_a
     except TRIAL_STEP_ERRORS as error:
         if model.dtype != torch.float32 and not runs_without_adapter(model, batch):
             raise UsageError(
-                f"The {model.config.model_type} model cannot compute in {model.dtype} here ({shorten(first_line(error))}); "
-                "check --torch_dtype, --bf16/--fp16 and --use_cpu."
+                f"The {model.config.model_type} model cannot compute in {model.dtype} here "
+                f"({shorten(first_line(error))}); check --torch_dtype, --bf16/--fp16 and --use_cpu."
             ) from None
         raise UsageError(cannot_train_message(adapter_args, model, error)) from None
     finally:
@@ -2244,8 +2244,9 @@ def write_merged_model(model, tokenizer, model_args, training_args, adapter_args
     tolerance = max(1e-4, 4 * torch.finfo(expected.dtype).eps) * max(1.0, expected.abs().max().item())
     if difference > tolerance:
         raise RuntimeError(
-            f"The merged model's logits differ from the adapter model's by {difference:.3g}, more than {tolerance:.3g}; "
-            "it was not written. The adapter itself is saved; please report this with the --adapter_config used."
+            f"The merged model's logits differ from the adapter model's by {difference:.3g}, more than "
+            f"{tolerance:.3g}; it was not written. The adapter itself is saved; please report this with the "
+            "--adapter_config used."
         )
     folder = Path(training_args.output_dir) / "merged"
     merged.save_pretrained(folder, safe_serialization=training_args.save_safetensors)

@@ -636,9 +636,9 @@ def memory_markdown(results):
         "",
         f"{shape.layers} layers {shape.hidden} wide, {shape.heads} heads, vocabulary "
         f"{' / '.join(f'{shape.vocab_size(kind)} ({kind})' for kind in ('gpt2', 'roberta', 'llama'))}, blocks of "
-        f"{shape.block}, batch {shape.batch}, {MEMORY_STEPS} training step; one run each. Weights: the model's parameters "
-        "and buffers. At start / peak: resident memory of the process when training starts and its peak during "
-        "training (loading excluded); of which files: the part that maps files at the start (the checkpoint is read "
+        f"{shape.block}, batch {shape.batch}, {MEMORY_STEPS} training step; one run each. Weights: the model's "
+        "parameters and buffers. At start / peak: resident memory of the process when training starts and its peak "
+        "during training (loading excluded); of which files: the part that maps files at the start (the checkpoint is read "
         "through a memory map). Added: peak minus start, what training itself needs (activations, gradients, "
         "optimizer state). x: against the same script, model and method in fp32 without checkpointing.",
         "",
@@ -656,8 +656,8 @@ def memory_markdown(results):
             return f"{row[name]:.2f}" if name in row else ""
 
         cells += [f"{row['model_mib']:,.0f}", ratio("model_x"), f"{row['train_start_rss_mib']:,.0f}",
-                  f"{row['train_start_file_mib']:,.0f}", f"{row['train_peak_rss_mib']:,.0f}", ratio("train_peak_x"), f"{row['training_growth_mib']:,.0f}",
-                  ratio("training_growth_x")]
+                  f"{row['train_start_file_mib']:,.0f}", f"{row['train_peak_rss_mib']:,.0f}", ratio("train_peak_x"),
+                  f"{row['training_growth_mib']:,.0f}", ratio("training_growth_x")]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -817,7 +817,7 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="a small shape and one round: under 3 minutes")
     parser.add_argument("--smoke", action="store_true",
-                        help="the tests' tiny models, one step per run: checks that the benchmark runs, in about a minute")
+                        help="the tests' tiny models, one step per run: checks that the benchmark runs, in a minute")
     parser.add_argument("--memory", action="store_true",
                         help="only the memory of gradient checkpointing and 4-bit/8-bit bases, at 12 layers")
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results", help="folder for the results")

@@ -166,4 +166,5 @@ def test_a_bad_interface_file_is_refused_in_one_line_naming_the_flag(case, famil
 def test_an_interface_file_without_train_adapter_is_refused(assets, tmp_path):
     with pytest.raises(run_clm.UsageError, match="--adapter_interface names the model's layers for an adapter: add "
                                                  "--train_adapter, or --load_adapter DIR"):
-        run_clm.main(tiny_run_arguments(run_clm, assets, tmp_path, "--do_train", "--adapter_interface", "interface.json"))
+        run_clm.main(tiny_run_arguments(run_clm, assets, tmp_path, "--do_train", "--adapter_interface",
+                                        "interface.json"))

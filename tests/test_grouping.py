@@ -2,8 +2,9 @@
 
 Both scripts concatenate a batch of tokenized texts (an Arrow table, as `datasets` hands it over in Arrow format)
 and cut it into blocks of block_size tokens, dropping the remainder of each batch, with an attention mask of ones;
-run_clm.py also adds labels equal to the input ids, but -100 for each block's first token. The reference (tools/list_chaining.py) does
-the same with plain Python lists, as the Hugging Face examples do with the tokenizer's attention masks, and every
+run_clm.py also adds labels equal to the input ids, but -100 for each block's first token. The reference
+(tools/list_chaining.py) does the same with plain Python lists, as the Hugging Face examples do with the tokenizer's
+attention masks, and every
 case must give the same blocks in the same order: random text lengths and block sizes (hypothesis), remainders,
 empty texts, empty batches, and batches of the size `datasets` hands over. And a file given as both training and
 validation data is grouped once.

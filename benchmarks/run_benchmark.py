@@ -638,8 +638,8 @@ def memory_markdown(results):
         f"{' / '.join(f'{shape.vocab_size(kind)} ({kind})' for kind in ('gpt2', 'roberta', 'llama'))}, blocks of "
         f"{shape.block}, batch {shape.batch}, {MEMORY_STEPS} training step; one run each. Weights: the model's "
         "parameters and buffers. At start / peak: resident memory of the process when training starts and its peak "
-        "during training (loading excluded); of which files: the part that maps files at the start (the checkpoint is read "
-        "through a memory map). Added: peak minus start, what training itself needs (activations, gradients, "
+        "during training (loading excluded); of which files: the part that maps files at the start (the checkpoint "
+        "is read through a memory map). Added: peak minus start, what training itself needs (activations, gradients, "
         "optimizer state). x: against the same script, model and method in fp32 without checkpointing.",
         "",
         "| script | model | method | variant | weights MiB | x | at start MiB | of which files | peak MiB | x "

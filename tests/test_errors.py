@@ -189,6 +189,22 @@ def test_json_arguments_file_mistakes(tmp_path, capsys):
     assert "learning_rat" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("script, adapter, expected", [
+    (run_clm, "roberta_adapter", "does not fit this gpt2 model"),
+    (run_clm, "narrow_gpt2_adapter", "does not fit this gpt2 model (size mismatch"),
+    (run_mlm, "corrupt_roberta_adapter", "--load_adapter"),
+])
+def test_a_saved_adapter_that_cannot_be_evaluated_is_refused_in_one_line(inputs, tmp_path, capsys, script, adapter,
+                                                                         expected):
+    # Evaluated alone, without --train_adapter, a saved adapter goes through the same checks as one trained further.
+    argv = tiny_run_arguments(script, inputs, tmp_path / "out", "--do_eval", "--load_adapter",
+                              getattr(inputs, adapter), train=None)
+    assert script.cli(argv) == 2
+    stderr = capsys.readouterr().err.strip().splitlines()
+    assert expected in stderr[-1] and not any("Traceback" in line for line in stderr)
+    assert not (tmp_path / "out").exists()
+
+
 def test_half_written_checkpoint_is_not_resumed_from(assets, tmp_path):
     args = tiny_run_arguments(run_clm, assets, tmp_path, "--do_train", "--max_steps", "1", "--overwrite_output_dir",
                               **{**CHECK_ONLY, "train": "prose"})

@@ -1909,7 +1909,8 @@ def adapter_card(trainer, card):
 def build_trainer(model, tokenizer, data_collator, train_dataset, eval_dataset, training_args, adapter_args):
     trainer_class = LanguageModelingTrainer
     trainer_kwargs = {}
-    if adapter_args.train_adapter:
+    # Also for an adapter that is only evaluated: the Trainer refuses a quantized model without one.
+    if adapter_args.train_adapter or adapter_args.load_adapter:
         trainer_class, trainer_kwargs = AdapterOnlyTrainer, {"adapter_name": adapter_args.adapter_name}
     return trainer_class(
         model=model,

@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 from adapters import ADAPTER_CONFIG_MAP, AdapterConfig
-from conftest import read_json
+from conftest import REPO, read_json
 from conftest import tiny_run_arguments as arguments
 from safetensors import safe_open
 
@@ -128,3 +128,18 @@ def test_checkpoints_hold_only_the_adapter(assets, tmp_path):
     adapter_files = sorted(path.name for path in (tmp_path / "checkpoint-2" / "clm").iterdir())
     assert adapter_files == ["adapter.safetensors", "adapter_config.json"]
     assert not list((tmp_path / "checkpoint-2").glob("*model*"))  # no base model weights, no head
+
+
+@pytest.mark.parametrize("family", [0, 1], ids=["gpt2", "roberta"])
+def test_the_tool_that_writes_readmes_methods_table_still_measures_what_it_shows(assets, tmp_path, family):
+    # tools/adapter_methods_table.py runs every method on both families (a minute); one cell each keeps it working.
+    import adapter_methods_table as table
+
+    _, script, model, length_flag = table.FAMILIES[family]
+    cell = table.measure(script, table.run_arguments(assets.folder, model, length_flag, "seq_bn", tmp_path))
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
+    row = next(line for line in readme.splitlines() if line.startswith("| `seq_bn` "))
+    shown = row.split(" | ")[1 + family].removesuffix(" |")
+    # The saved adapter's config names the model's folder, so its size moves by a few bytes with the path.
+    (shown_counts, shown_size), (counts, size) = (text.removesuffix(" kB").rsplit(", ", 1) for text in (shown, cell))
+    assert counts == shown_counts and float(size) == pytest.approx(float(shown_size), abs=0.2)

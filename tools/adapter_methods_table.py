@@ -29,10 +29,10 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tools")]  # the scripts and make_tiny_ass
 
 import adapters  # noqa: E402
 import make_tiny_assets  # noqa: E402
+from readme_table import write_or_check  # noqa: E402
 import run_clm  # noqa: E402
 import run_mlm  # noqa: E402
 
-README = ROOT / "README.md"
 START, END = "<!-- adapter-methods:start -->", "<!-- adapter-methods:end -->"
 # (column title, script, tiny model folder, the script's length flag)
 FAMILIES = [("GPT-2 (run_clm)", run_clm, "tiny-gpt2", "--block_size"),
@@ -77,7 +77,7 @@ def measure(script, argv):
         return "✗ " + short_reason(error).replace("|", "\\|")  # a | would end the table cell
     # Count with the script's own setup: it freezes head weights that adapters would leave trainable (RoBERTa's
     # lm_head.dense), so this is the number the script's own summary prints.
-    model_args, _, training_args, adapter_args = script.parse_arguments(argv)
+    model_args, _, training_args, adapter_args, _ = script.parse_arguments(argv)
     model = script.load_model(model_args, script.load_config(model_args), script.load_tokenizer(model_args))
     script.setup_adapter(model, adapter_args)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -97,16 +97,19 @@ def short_reason(error):
     return run_clm.shorten(reason, 80)
 
 
+def run_arguments(tiny, model, length_flag, method, output_dir):
+    """Two training steps of the method on a tiny model, as the table reports them."""
+    return ["--model_name_or_path", str(tiny / model), "--train_file", str(tiny / "train.txt"), "--train_adapter",
+            "--adapter_config", method, "--do_train", "--max_steps", "2", length_flag, "32", "--report_to", "none",
+            "--save_strategy", "no", "--disable_tqdm", "true", "--log_level", "error", "--output_dir", str(output_dir)]
+
+
 def build_table(tiny):
     rows = {name: [] for name in adapters.ADAPTER_CONFIG_MAP}  # method name -> its cells, one per family
     for name, cells in rows.items():
         for _, script, model, length_flag in FAMILIES:
             with tempfile.TemporaryDirectory() as tmp:
-                argv = ["--model_name_or_path", str(tiny / model), "--train_file", str(tiny / "train.txt"),
-                        "--train_adapter", "--adapter_config", name, "--do_train", "--max_steps", "2",
-                        length_flag, "32", "--report_to", "none", "--save_strategy", "no", "--disable_tqdm", "true",
-                        "--log_level", "error", "--output_dir", str(Path(tmp) / "out")]
-                cells.append(measure(script, argv))
+                cells.append(measure(script, run_arguments(tiny, model, length_flag, name, Path(tmp) / "out")))
     folded = {alias for alias, name in ALIASES.items() if rows.get(alias) == rows.get(name)}
     lines = ["| method | " + " | ".join(title for title, *_ in FAMILIES) + " |", "| --- " * (len(FAMILIES) + 1) + "|"]
     for name, cells in rows.items():
@@ -130,18 +133,6 @@ def wrap(text):
     return textwrap.fill(text, 115, break_long_words=False, break_on_hyphens=False)
 
 
-def with_table(readme, table):
-    """README's text with the table between the markers; the markers go at the end of "## Adapter methods"."""
-    block = f"{START}\n{table}\n{END}"
-    if START in readme and END in readme:
-        before, rest = readme.split(START, 1)
-        return before + block + rest.split(END, 1)[1]
-    section = readme.index("\n## Adapter methods\n")
-    next_section = readme.find("\n## ", section + 1)
-    next_section = len(readme) if next_section == -1 else next_section
-    return readme[:next_section].rstrip("\n") + "\n\n" + block + "\n" + readme[next_section:]
-
-
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--check", action="store_true", help="exit 1 if README.md's table is out of date")
@@ -151,14 +142,7 @@ def main(argv=None):
         table = build_table(tiny_assets(stack))
     print(table)
     print(f"measured in {time.perf_counter() - start:.0f} s", file=sys.stderr)
-    readme = README.read_text(encoding="utf-8")
-    updated = with_table(readme, table)
-    if args.check:  # compare only, README.md stays as it is
-        if updated != readme:
-            print("README.md's table is out of date: run python tools/adapter_methods_table.py", file=sys.stderr)
-        return int(updated != readme)
-    README.write_text(updated, encoding="utf-8")
-    return 0
+    return write_or_check(table, START, END, "adapter_methods_table.py", args.check)
 
 
 if __name__ == "__main__":

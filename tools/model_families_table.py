@@ -43,10 +43,10 @@ from adapters.wrappers.model import get_module_name  # noqa: E402
 from transformers import CONFIG_MAPPING, AutoModelForCausalLM, AutoModelForMaskedLM, AutoTokenizer  # noqa: E402
 
 import make_tiny_assets  # noqa: E402
+from readme_table import write_or_check  # noqa: E402
 import run_clm  # noqa: E402
 import run_mlm  # noqa: E402
 
-README = ROOT / "README.md"
 START, END = "<!-- model-families:start -->", "<!-- model-families:end -->"
 METHODS = ("seq_bn", "lora")
 LENGTH = 16  # tokens per example
@@ -290,12 +290,6 @@ def build_table(rows):
                       "Regenerate with `python tools/model_families_table.py`."])
 
 
-def with_table(readme, table):
-    """README's text with the table between the markers, which must be there already."""
-    before, rest = readme.split(START, 1)
-    return before + f"{START}\n{table}\n{END}" + rest.split(END, 1)[1]
-
-
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--check", action="store_true", help="exit 1 if README.md's table is out of date")
@@ -315,14 +309,7 @@ def main(argv=None):
     table = build_table(rows)
     print(table)
     print(f"measured in {time.perf_counter() - start:.0f} s", file=sys.stderr)
-    readme = README.read_text(encoding="utf-8")
-    updated = with_table(readme, table)
-    if args.check:  # compare only, README.md stays as it is
-        if updated != readme:
-            print("README.md's table is out of date: run python tools/model_families_table.py", file=sys.stderr)
-        return int(updated != readme)
-    README.write_text(updated, encoding="utf-8")
-    return 0
+    return write_or_check(table, START, END, "model_families_table.py", args.check)
 
 
 if __name__ == "__main__":

@@ -774,21 +774,25 @@ def read_prompts(path):
     return [line.strip() for line in text.splitlines() if line.strip()]
 
 
+def uses_adapter(adapter_args):
+    """Whether the run puts an adapter into the model: one to train, or a saved one that is only evaluated."""
+    return bool(adapter_args.train_adapter or adapter_args.load_adapter)
+
+
 def check_adapter_arguments(adapter_args, training_args):
     if adapter_args.load_adapter and training_args.do_train and not adapter_args.train_adapter:
         raise UsageError(
             f"--load_adapter {adapter_args.load_adapter} with --do_train trains the adapter further: add "
             "--train_adapter, or drop --do_train to evaluate the adapter as it is."
         )
-    uses_adapter = adapter_args.train_adapter or adapter_args.load_adapter
-    if adapter_args.load_lang_adapter and not uses_adapter:
+    if adapter_args.load_lang_adapter and not uses_adapter(adapter_args):
         raise UsageError(
             "--load_lang_adapter stacks a language adapter under the adapter that --train_adapter trains or "
             "--load_adapter loads: add one of them, or give the language adapter as --load_adapter to evaluate it "
             "alone."
         )
     if adapter_args.adapter_interface:
-        if not uses_adapter:
+        if not uses_adapter(adapter_args):
             raise UsageError(
                 "--adapter_interface names the model's layers for an adapter: add --train_adapter, or --load_adapter "
                 "DIR to evaluate a saved one."
@@ -889,7 +893,7 @@ def check_quantization_arguments(model_args, adapter_args):
         raise UsageError("--load_in_4bit and --load_in_8bit exclude each other; pass one of them.")
     if not model_args.model_name_or_path:
         raise UsageError(f"{flag} quantizes a pretrained model's weights: pass --model_name_or_path, not --model_type.")
-    if not (adapter_args.train_adapter or adapter_args.load_adapter):
+    if not uses_adapter(adapter_args):
         raise UsageError(
             f"{flag} needs --train_adapter, or --load_adapter DIR to evaluate a saved adapter: the quantized weights "
             "stay frozen, only an adapter can train."
@@ -1351,7 +1355,7 @@ def take_special_tokens_from(tokenizer, config):
 def setup_adapter(model, adapter_args):
     """With --train_adapter, add a fresh (or loaded) adapter to the model and freeze everything else; with
     --load_adapter alone, load the saved adapter to evaluate it, everything frozen."""
-    if not (adapter_args.train_adapter or adapter_args.load_adapter):
+    if not uses_adapter(adapter_args):
         return
     init_adapters(model, adapter_args)
     check_language_adapter_name(adapter_args)
@@ -1512,7 +1516,7 @@ def model_kind(model):
 
 def check_adapter_options(model, model_args, adapter_args):
     """Refuse now, before any data is read, what adapters cannot do with this adapter: merge it, or run it quantized."""
-    if not (adapter_args.train_adapter or adapter_args.load_adapter):
+    if not uses_adapter(adapter_args):
         return
     config = model.adapters_config.get(adapter_args.adapter_name)
     if adapter_args.merge_adapter and not can_merge(config):
@@ -2041,7 +2045,7 @@ def build_trainer(model, tokenizer, data_collator, train_dataset, eval_dataset, 
     trainer_class = LanguageModelingTrainer
     trainer_kwargs = {}
     # Also for an adapter that is only evaluated: the Trainer refuses a quantized model without one.
-    if adapter_args.train_adapter or adapter_args.load_adapter:
+    if uses_adapter(adapter_args):
         trainer_class, trainer_kwargs = AdapterOnlyTrainer, {"adapter_name": adapter_args.adapter_name}
     return trainer_class(
         model=model,
@@ -2146,7 +2150,7 @@ def write_samples(trainer, tokenizer, raw_datasets, max_length, evaluation_args,
     was_training = model.training
     model.eval()
     with torch.no_grad():
-        if adapter_args.train_adapter or adapter_args.load_adapter:
+        if uses_adapter(adapter_args):
             with adapters_off(model):
                 outputs = {"base": [complete_sample(model, tokenizer, prompt) for prompt in prompts]}
             outputs["adapted"] = [complete_sample(model, tokenizer, prompt) for prompt in prompts]
@@ -2430,7 +2434,7 @@ def evaluation_summary(trainer, metrics, training_args):
 def evaluated_model_summary(model, adapter_args):
     total = sum(p.numel() for p in model.parameters())
     line = f"model: frozen, nothing trained: {total:,} parameters evaluated"
-    if not (adapter_args.train_adapter or adapter_args.load_adapter):
+    if not uses_adapter(adapter_args):
         return line + " as loaded"
     belongs_to_adapter = AdapterLoader(model).filter_func(adapter_args.adapter_name)
     in_adapter = sum(p.numel() for name, p in model.named_parameters() if belongs_to_adapter(name))

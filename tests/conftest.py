@@ -139,10 +139,11 @@ def tiny_run_arguments(script, assets, output_dir, *extra, model=None, train="pr
     file, or None to leave the flag out; None leaves out --max_eval_samples and --learning_rate too. The extra flags
     come last, so they win over these.
     """
-    corpora = {"prose": (assets.train, assets.validation), "code": (assets.code_train, assets.code_validation)} if (
-        assets is not None) else {}
-    train = corpora[train][0] if isinstance(train, str) and train in corpora else train
-    validation = corpora[validation][1] if isinstance(validation, str) and validation in corpora else validation
+    corpora = {"prose": ("train", "validation"), "code": ("code_train", "code_validation")}
+    if train in corpora:
+        train = getattr(assets, corpora[train][0])
+    if validation in corpora:
+        validation = getattr(assets, corpora[validation][1])
     model = model or (assets.tiny_gpt2 if script.__name__ == "run_clm" else assets.tiny_roberta)
     arguments = ["--model_name_or_path", model, length_flag(script), length, "--per_device_train_batch_size",
                  batch_size, "--output_dir", output_dir]

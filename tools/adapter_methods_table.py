@@ -20,7 +20,6 @@ import io
 import re
 import sys
 import tempfile
-import textwrap
 import time
 from pathlib import Path
 
@@ -29,7 +28,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tools")]  # the scripts and make_tiny_ass
 
 import adapters  # noqa: E402
 import make_tiny_assets  # noqa: E402
-from readme_table import write_or_check  # noqa: E402
+from readme_table import wrap, write_or_check  # noqa: E402
 import run_clm  # noqa: E402
 import run_mlm  # noqa: E402
 
@@ -126,11 +125,6 @@ def build_table(tiny):
              "(✓: trainable parameters and the saved adapter's size; ✗: why the script refuses it):")
     return "\n".join([wrap(intro), "", *lines, "", wrap(note),
                       "Regenerate with `python tools/adapter_methods_table.py`."])
-
-
-def wrap(text):
-    # Wrapped at README.md's width, never inside a name; Markdown joins the lines again.
-    return textwrap.fill(text, 115, break_long_words=False, break_on_hyphens=False)
 
 
 def main(argv=None):

@@ -26,7 +26,6 @@ import math
 import re
 import sys
 import tempfile
-import textwrap
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,7 +42,7 @@ from adapters.wrappers.model import get_module_name  # noqa: E402
 from transformers import CONFIG_MAPPING, AutoModelForCausalLM, AutoModelForMaskedLM, AutoTokenizer  # noqa: E402
 
 import make_tiny_assets  # noqa: E402
-from readme_table import write_or_check  # noqa: E402
+from readme_table import wrap, write_or_check  # noqa: E402
 import run_clm  # noqa: E402
 import run_mlm  # noqa: E402
 
@@ -286,7 +285,7 @@ def build_table(rows):
     note = (f"Measured with adapters {adapters.__version__} and transformers {run_clm.transformers.__version__} on "
             "tiny random models of each type (hidden size 32, 2 layers, vocabulary 1000), one training step each; ✓ "
             "for an adapter: it trained, saved, and reloaded onto the unchanged base model to the same eval loss.")
-    return "\n".join([*lines, "", textwrap.fill(note, 115, break_long_words=False, break_on_hyphens=False),
+    return "\n".join([*lines, "", wrap(note),
                       "Regenerate with `python tools/model_families_table.py`."])
 
 

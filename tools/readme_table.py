@@ -1,6 +1,7 @@
 """Write a table that a tool measured into README.md, between the two markers that hold it, or check it there."""
 
 import sys
+import textwrap
 from pathlib import Path
 
 README = Path(__file__).resolve().parents[1] / "README.md"
@@ -18,3 +19,8 @@ def write_or_check(table, start, end, tool, check):
         return int(updated != readme)
     README.write_text(updated, encoding="utf-8")
     return 0
+
+
+def wrap(text):
+    """A paragraph wrapped at README.md's width, never inside a name; Markdown joins the lines again."""
+    return textwrap.fill(text, 115, break_long_words=False, break_on_hyphens=False)

@@ -59,14 +59,15 @@ os.environ.update(
 REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO), str(REPO / "tools")]
 
+import make_tiny_assets  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from datasets import Dataset, load_from_disk  # noqa: E402
-
-import make_tiny_assets  # noqa: E402
 from list_chaining import chained_group_texts  # noqa: E402
+
 import run_clm  # noqa: E402
 import run_mlm  # noqa: E402
+from lmtune import hardware  # noqa: E402
 
 SCRIPTS = {"run_clm": run_clm, "run_mlm": run_mlm}
 MODEL_KIND = {"run_clm": "gpt2", "run_mlm": "roberta"}
@@ -203,7 +204,7 @@ def machine_description():
         "cores": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         # The scripts' own reading: the native bf16 features found (avx512_bf16, amx_bf16), none, or None if unknown.
-        "native_bf16": run_clm.native_bf16_flags(),
+        "native_bf16": hardware.native_bf16_flags(),
         "torch": torch.__version__,
         "python": platform.python_version(),
     }

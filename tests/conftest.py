@@ -44,6 +44,8 @@ NOISE = {
     "adapters' legacy hub": "legacy Hub",
     "the fast tokenizer tip": "with a fast tokenizer, using the `__call__` method is faster",
     "the Trainer's token alignment": "The tokenizer has new PAD/BOS/EOS tokens",
+    "the tokenizer's length warning": "Token indices sequence length is longer than the specified maximum",
+    "bitsandbytes' CPU kernel notice": "Failed to load CPU gemm_4bit_forward from kernels-community",
 }
 
 

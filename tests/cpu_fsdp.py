@@ -8,6 +8,7 @@ test can check on CPUs what the scripts do with a sharded model: train it, and s
 
 import runpy
 import sys
+from pathlib import Path
 
 import accelerate.state
 from accelerate.utils import DistributedType
@@ -26,4 +27,5 @@ def init_with_fsdp_on_cpu(self, *args, fsdp_plugin=None, **kwargs):
 
 accelerate.state.AcceleratorState.__init__ = init_with_fsdp_on_cpu
 script, sys.argv = sys.argv[1], sys.argv[1:]
+sys.path.insert(0, str(Path(script).resolve().parent))  # as `python script` does: lmtune/ beside it is importable
 runpy.run_path(script, run_name="__main__")

@@ -9,6 +9,7 @@ import pytest
 import transformers.trainer
 from conftest import read_json, tiny_run_arguments
 from safetensors.torch import load_file
+from transformers import AutoTokenizer
 
 import run_clm
 import run_mlm
@@ -138,7 +139,7 @@ def read_samples(output_dir):
 
 
 def test_a_prompt_with_a_mask_token_is_filled_there(assets):
-    tokenizer = run_mlm.AutoTokenizer.from_pretrained(assets.roberta_tokenizer)
+    tokenizer = AutoTokenizer.from_pretrained(assets.roberta_tokenizer)
     record, (ids, masked) = run_mlm.sample_prompt(tokenizer, "Return the <mask> of items.", 64)
     assert record == {"prompt": "Return the<mask> of items."}  # no "expected": the user's mask has no answer
     assert [ids[index] for index in masked] == [tokenizer.mask_token_id]
@@ -156,8 +157,6 @@ REFUSED = {
     "best model without evaluations": (["--load_best_model_at_end"], "needs evaluations to choose from"),
     "strategies differ": (["--load_best_model_at_end", "--eval_strategy", "steps"],
                           "save and eval strategy to match, but found - Evaluation strategy: "),  # then the values
-    "evaluation not saved": (["--load_best_model_at_end", *EVALUATE_EVERY_2_STEPS, "--save_steps", "4"],
-                             "pass --save_steps 2 like --eval_steps, not 4"),
     "save best": (["--load_best_model_at_end", *EVALUATE_EVERY_2_STEPS[:4], "--save_strategy", "best"],
                   "keeps the last model in transformers"),
     "save best without metric": (["--save_strategy", "best"], "--save_strategy best needs --metric_for_best_model"),
@@ -181,3 +180,24 @@ def test_combinations_that_would_fail_late_are_refused_in_one_line(case, assets,
     assert stderr[-1].startswith(f"{script.__name__}.py: error: ") and expected in stderr[-1]
     assert not any("Traceback" in line for line in stderr)
     assert not (tmp_path / "out").exists()
+
+
+# transformers accepts these (saves at a multiple of the evaluations; epochs cut short by --max_steps): so do the
+# scripts, which once refused the first and crashed on the second.
+ACCEPTED = {
+    "saves at every second evaluation": [*EVALUATE_EVERY_2_STEPS, "--save_steps", "4"],
+    "epochs cut short by max_steps": ["--eval_strategy", "epoch", "--save_strategy", "epoch"],
+}
+
+
+@pytest.mark.parametrize("case", ACCEPTED)
+def test_best_model_settings_that_transformers_accepts_run(case, assets, tmp_path, caplog):
+    argv = tiny_run_arguments(run_clm, assets, tmp_path / "out", "--do_train", "--do_eval", "--train_adapter",
+                              "--load_best_model_at_end", "--max_steps", "4", "--log_level", "warning",
+                              *ACCEPTED[case])
+    metrics = run_clm.main(argv)
+    assert metrics["train_samples"] > 0 and metrics["eval_loss"] > 0
+    state = json.loads((tmp_path / "out" / "trainer_state.json").read_text())
+    assert state["best_model_checkpoint"] is not None  # a best checkpoint was recorded and reloaded
+    passed_over = "a best evaluation between two saves is passed over" in caplog.text
+    assert passed_over == (case == "saves at every second evaluation")

@@ -9,10 +9,10 @@ import numpy as np
 import pandas as pd
 import pytest
 from conftest import QUIET, read_json, tiny_run_arguments
-from transformers import EvalPrediction
+from transformers import AutoTokenizer, EvalPrediction
 
 import run_clm
-
+from lmtune import hardware
 
 # The runs of this module: blocks of 64 tokens in batches of 8, evaluated on the whole validation file, at the
 # Trainer's default learning rate unless a test sets one.
@@ -88,7 +88,7 @@ def test_full_fine_tuning_from_model_type_and_config_overrides(assets, tmp_path)
 
 def block_count(tokenizer_dir, texts, block_size):
     """Blocks that grouping cuts from fewer than 1000 texts (one `datasets.map` batch)."""
-    tokenizer = run_clm.AutoTokenizer.from_pretrained(tokenizer_dir)
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
     return sum(len(ids) for ids in tokenizer(texts)["input_ids"]) // block_size
 
 
@@ -303,7 +303,7 @@ def test_empty_cells_are_skipped_and_counted(assets, tmp_path, caplog):
     assert metrics["eval_samples"] == block_count(assets.tiny_gpt2, [line for i, line in enumerate(lines) if i % 4], 64)
 def test_bf16_advice_follows_the_cpus_native_bf16(tmp_path, monkeypatch, caplog):
     cpuinfo = tmp_path / "cpuinfo"
-    monkeypatch.setattr(run_clm, "CPUINFO", cpuinfo)
+    monkeypatch.setattr(hardware, "CPUINFO", cpuinfo)
     # Parsing --bf16 sets ACCELERATE_MIXED_PRECISION=bf16 for the process, which later runs in it would inherit.
     monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "no")
     bf16 = run_clm.parse_arguments(["--output_dir", "unused", "--do_train", "--use_cpu", "--bf16"])[2]
@@ -311,18 +311,18 @@ def test_bf16_advice_follows_the_cpus_native_bf16(tmp_path, monkeypatch, caplog)
 
     def warned(training_args):
         caplog.clear()
-        with caplog.at_level(logging.WARNING, logger="run_clm"):
-            run_clm.warn_if_bf16_is_emulated(training_args)
+        with caplog.at_level(logging.WARNING, logger="lmtune.hardware"):
+            hardware.warn_if_bf16_is_emulated(training_args)
         return "--bf16 on a CPU without native bf16" in caplog.text
 
     cpuinfo.write_text("processor\t: 0\nflags\t\t: fpu sse2 avx2 fma avx512f\n")  # like the AMD EPYC of the tests
-    assert run_clm.native_bf16_flags() == ()
+    assert hardware.native_bf16_flags() == ()
     assert warned(bf16) and not warned(fp32)
-    assert run_clm.bf16_tip(fp32) is None
+    assert hardware.bf16_tip(fp32) is None
     cpuinfo.write_text("processor\t: 0\nflags\t\t: fpu avx512f avx512_bf16 amx_bf16 amx_tile\n")  # a Sapphire Rapids
-    assert run_clm.native_bf16_flags() == ("amx_bf16", "avx512_bf16")
+    assert hardware.native_bf16_flags() == ("amx_bf16", "avx512_bf16")
     assert not warned(bf16)
-    assert run_clm.bf16_tip(fp32).startswith("tip: this CPU has native bf16 (amx_bf16, avx512_bf16): --use_cpu --bf16")
-    assert run_clm.bf16_tip(bf16) is None
+    assert hardware.bf16_tip(fp32).startswith("tip: this CPU has native bf16 (amx_bf16, avx512_bf16): --use_cpu --bf16")
+    assert hardware.bf16_tip(bf16) is None
     cpuinfo.unlink()  # not Linux: nothing is claimed either way
-    assert run_clm.native_bf16_flags() is None and not warned(bf16) and run_clm.bf16_tip(fp32) is None
+    assert hardware.native_bf16_flags() is None and not warned(bf16) and hardware.bf16_tip(fp32) is None

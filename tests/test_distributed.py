@@ -24,6 +24,7 @@ from transformers import AutoTokenizer
 
 import run_clm
 import run_mlm
+from lmtune.training import check_sharding
 
 MODES = {"adapter": ["--train_adapter"], "full": []}
 METRICS = ("train_loss", "eval_loss", "eval_accuracy")
@@ -161,8 +162,8 @@ def trainer_with(fsdp=None, deepspeed=None):
 def test_a_sharding_the_adapter_could_not_be_saved_from_is_refused(trainer, flagged):
     adapter_args = SimpleNamespace(train_adapter=True)
     with pytest.raises(run_clm.UsageError, match=flagged):
-        run_clm.check_sharding(trainer, adapter_args)
-    run_clm.check_sharding(trainer, SimpleNamespace(train_adapter=False))  # the Trainer saves a whole model itself
+        check_sharding(trainer, adapter_args)
+    check_sharding(trainer, SimpleNamespace(train_adapter=False))  # the Trainer saves a whole model itself
 
 
 @pytest.mark.parametrize("trainer", [
@@ -172,11 +173,11 @@ def test_a_sharding_the_adapter_could_not_be_saved_from_is_refused(trainer, flag
     trainer_with(deepspeed=SimpleNamespace(deepspeed_config={"zero_optimization": {"stage": 2}})),
 ], ids=["fsdp2-full-state-dict", "zero3-gathering", "zero2"])
 def test_a_sharding_the_adapter_can_be_saved_from_is_accepted(trainer):
-    run_clm.check_sharding(trainer, SimpleNamespace(train_adapter=True))
+    check_sharding(trainer, SimpleNamespace(train_adapter=True))
 
 
 def test_an_fsdp_configuration_that_accelerate_drops_on_cpus_is_pointed_out(monkeypatch, caplog):
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")  # what `accelerate launch --config_file configs/fsdp.yaml` sets
-    with caplog.at_level(logging.WARNING, logger="run_clm"):
-        run_clm.check_sharding(trainer_with(), SimpleNamespace(train_adapter=True))  # data parallel after all
+    with caplog.at_level(logging.WARNING, logger="lmtune.training"):
+        check_sharding(trainer_with(), SimpleNamespace(train_adapter=True))  # data parallel after all
     assert "FSDP is configured, but accelerate runs it on GPUs and other accelerators only" in caplog.text

@@ -11,6 +11,7 @@ from conftest import run_script, tiny_run_arguments
 
 import run_clm
 import run_mlm
+from lmtune.output_dir import LOCK_FILE, last_complete_checkpoint
 
 
 def write(path, content):
@@ -35,6 +36,14 @@ CASES = {
                                "--adapter_config lorra"),
     "malformed adapter string": (run_mlm, lambda a, d: ["--train_adapter", "--adapter_config", "lora[r=8"],
                                  "--adapter_config lora[r=8"),
+    "lora of rank 0": (run_clm, lambda a, d: ["--train_adapter", "--adapter_config", "lora[r=0]"],
+                       "--adapter_config lora[r=0]: r=0 leaves LoRAConfig no size"),
+    "bottleneck of reduction factor 0": (run_mlm, lambda a, d: ["--train_adapter", "--adapter_config",
+                                                                "seq_bn[reduction_factor=0]"], "reduction_factor=0"),
+    "prefix of length 0": (run_clm, lambda a, d: ["--train_adapter", "--adapter_config",
+                                                  "prefix_tuning[prefix_length=0]"], "prefix_length=0"),
+    "prompt of length 0 in a union": (run_mlm, lambda a, d: ["--train_adapter", "--adapter_config",
+                                                             "lora|prompt_tuning[prompt_length=0]"], "prompt_length=0"),
     "unknown model type": (run_clm, lambda a, d: ["--model_name_or_path", "", "--model_type", "gpt3",
                                                   "--tokenizer_name", a.gpt2_tokenizer], "--model_type gpt3"),
     "unknown config override": (run_clm, lambda a, d: ["--model_name_or_path", "", "--model_type", "gpt2",
@@ -61,7 +70,10 @@ CASES = {
                              "--model_name_or_path"),
     "text column of numbers": (run_mlm, lambda a, d: ["--line_by_line", "--train_file",
                                                       write(d / "n.csv", "text,label\n1,a\n2,b\n")],
-                               "text column 'text' holds Value('int64')"),
+                               "n.csv) has a text column 'text' of Value('int64'), not of text"),
+    "json lines whose text holds lists": (run_clm, lambda a, d: ["--train_file", write(
+        d / "lists.jsonl", '{"text": ["a", "b"]}\n{"text": ["c"]}\n')],
+        "lists.jsonl) has a text column 'text' of List"),
     "ragged csv": (run_clm, lambda a, d: ["--train_file", write(d / "r.csv", "text\n\"unclosed,\n")],
                    "r.csv could not be loaded (Error tokenizing data"),
     "streaming without max_steps": (run_clm, lambda a, d: ["--streaming", "--max_steps", "-1"], "--streaming"),
@@ -212,7 +224,7 @@ def test_half_written_checkpoint_is_not_resumed_from(assets, tmp_path):
     half_written = tmp_path / "checkpoint-4"
     half_written.mkdir()
     (half_written / "trainer_state.json").write_text('{"global_step": ')  # killed while writing
-    assert run_clm.last_complete_checkpoint(tmp_path) == str(tmp_path / "checkpoint-2")
+    assert last_complete_checkpoint(tmp_path) == str(tmp_path / "checkpoint-2")
 
 
 def test_the_real_command_line_exits_2_without_traceback(assets, tmp_path):
@@ -258,17 +270,17 @@ def test_a_second_run_into_a_folder_in_use_is_refused_and_a_dead_runs_lock_is_no
     output_dir.mkdir()
     arguments = tiny_run_arguments(run_clm, assets, output_dir, "--do_train", "--max_steps", "1", "--train_adapter",
                                    validation=None)
-    with open(output_dir / run_clm.LOCK_FILE, "w") as lock:  # as a live run holds it
+    with open(output_dir / LOCK_FILE, "w") as lock:  # as a live run holds it
         lock.write("4242")
         lock.flush()
         fcntl.flock(lock, fcntl.LOCK_EX)
         assert run_clm.cli(arguments) == 2
         assert "is in use by another run (process 4242)" in capsys.readouterr().err
     # The lock file of a killed run stays behind, but its lock died with the process.
-    assert (output_dir / run_clm.LOCK_FILE).exists()
+    assert (output_dir / LOCK_FILE).exists()
     assert run_clm.cli(arguments) == 0
     assert (output_dir / "clm" / "adapter_config.json").is_file()
-    assert not (output_dir / run_clm.LOCK_FILE).exists()
+    assert not (output_dir / LOCK_FILE).exists()
 
 
 def test_resuming_from_a_checkpoint_of_another_kind_of_run_is_refused(assets, tmp_path, capsys):

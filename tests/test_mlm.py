@@ -11,7 +11,6 @@ from transformers import AutoTokenizer, EvalPrediction
 
 import run_mlm
 
-
 # The runs of this module: blocks of 64 tokens in batches of 8, evaluated on the whole validation file, at the
 # Trainer's default learning rate unless a test sets one.
 RUN = {"length": 64, "batch_size": 8, "eval_samples": None, "learning_rate": None}

@@ -1,17 +1,20 @@
 """Runs that must hold up: the same result twice, and a SIGKILL in the middle (several processes: test_distributed)."""
 
+import math
 import os
 import signal
 import subprocess
 import sys
 import time
 from contextlib import contextmanager
+from pathlib import Path
 
 import pytest
 from conftest import read_json, tiny_run_arguments
 
 import run_clm
 import run_mlm
+from lmtune.output_dir import last_complete_checkpoint
 
 
 def arguments(script, assets, output_dir, *extra):
@@ -76,7 +79,7 @@ def test_a_disk_that_fills_up_ends_in_one_line_and_the_rerun_resumes_exactly(ass
         line = capsys.readouterr().err.strip().splitlines()[-1]
         assert line.startswith(f"run_clm.py: error: Could not write to --output_dir {output_dir} (No space left on "
                                "device); make room or fix the permissions, then run the same command again")
-        assert run_clm.last_complete_checkpoint(output_dir) == str(output_dir / "checkpoint-4")
+        assert last_complete_checkpoint(output_dir) == str(output_dir / "checkpoint-4")
         resize("8m")
         resumed = run_clm.main(arguments(run_clm, assets, output_dir, *extra))
     assert resumed["eval_loss"] == pytest.approx(uninterrupted["eval_loss"], abs=1e-6)
@@ -93,3 +96,21 @@ def test_a_read_only_output_dir_is_refused_before_the_model_loads(assets, tmp_pa
     assert capsys.readouterr().err.strip().splitlines()[-1] == (
         f"run_clm.py: error: --output_dir {output_dir} cannot be written (Read-only file system); give a folder you "
         "can write to.")
+
+
+@pytest.mark.parametrize("script", [run_clm, run_mlm], ids=["clm", "mlm"])
+def test_a_run_whose_loss_diverges_stops_in_one_line_and_keeps_its_checkpoints(script, assets, tmp_path, capsys):
+    output_dir = tmp_path / "out"
+    # Fully fine-tuned at a learning rate far too high: the loss leaps to billions within steps.
+    argv = tiny_run_arguments(script, assets, output_dir, "--do_train", "--do_eval", "--max_steps", "12",
+                              "--logging_steps", "1", "--save_strategy", "steps", "--save_steps", "1",
+                              "--save_total_limit", "1", "--learning_rate", "1e4")
+    assert script.cli(argv) == 2
+    stderr = capsys.readouterr().err.strip().splitlines()
+    assert stderr[-1].startswith(f"{script.__name__}.py: error: Training diverged at step")
+    assert "lower --learning_rate (10000)" in stderr[-1] and not any("Traceback" in line for line in stderr)
+    assert not (output_dir / "all_results.json").exists()  # no figure was reported for it
+    checkpoint = last_complete_checkpoint(output_dir)  # none where the very first step diverged
+    if checkpoint is not None:
+        history = read_json(Path(checkpoint) / "trainer_state.json")["log_history"]
+        assert all(math.isfinite(entry["loss"]) and entry["loss"] < 50 for entry in history if "loss" in entry)

@@ -6,6 +6,8 @@ import importlib.metadata
 import logging
 import math
 import re
+import subprocess
+import sys
 import warnings
 from types import SimpleNamespace
 
@@ -20,6 +22,7 @@ from transformers import TrainingArguments
 
 import run_clm
 import run_mlm
+from lmtune.checks import check_hub_is_reachable
 
 SCRIPTS = pytest.mark.parametrize("script", [run_clm, run_mlm], ids=["clm", "mlm"])
 
@@ -45,8 +48,7 @@ def test_help_shows_the_scripts_groups_first_then_the_trainers_most_used_flags(s
 @SCRIPTS
 def test_help_all_lists_every_flag_and_renders_every_help_text(script, capsys):
     text = help_text(script, "--help-all", capsys)
-    groups = [script.ModelArguments, script.DataTrainingArguments, TrainingArguments, script.AdapterGroupArguments,
-              script.EvaluationArguments]
+    groups = [type(group) for group in script.parse_arguments(["--output_dir", "unused"])]
     assert not [f.name for group in groups for f in dataclasses.fields(group) if f.init and f"--{f.name}" not in text]
     own = [f for group in groups if group is not TrainingArguments for f in dataclasses.fields(group) if f.init]
     assert all(f.metadata.get("help") for f in own)
@@ -121,6 +123,46 @@ def test_an_eval_only_run_without_adapter_says_the_model_is_frozen(assets, tmp_p
     assert not noise_in(text)
 
 
+@pytest.mark.parametrize("source", ["validation text", "prompt file"])
+def test_samples_of_a_text_longer_than_the_model_takes_are_made_quietly(source, assets, tmp_path, run_and_read):
+    # Far more tokens than the tiny GPT-2's 256 positions: the samples keep a text's first tokens, a prompt's last.
+    long_text = " ".join(assets.validation.read_text().split()[:1500])
+    path = tmp_path / "long.txt"
+    path.write_text(long_text + "\n")
+    flags = ["--validation_file", path] if source == "validation text" else ["--sample_prompts", path]
+    _, text = run_and_read(run_clm, tiny_run_arguments(run_clm, assets, tmp_path / "run", "--do_eval",
+                                                       "--num_samples", "1", *flags))
+    assert "samples (greedy)" in text
+    assert not noise_in(text)
+
+
+# Imports each script as a user's run does, in a fresh interpreter, then makes bitsandbytes take the branch of a CPU
+# with AVX512-BF16 whose optional `kernels` package is missing, wherever the test runs: its notice must not reach the
+# user. (On such a CPU the plain import alone printed it.)
+IMPORT_AS_ON_AN_AVX512_BF16_CPU = """
+import importlib, sys
+import {script}
+import bitsandbytes.functional
+from bitsandbytes.cextension import ErrorHandlerMockBNBNativeLibrary, lib
+if isinstance(lib, ErrorHandlerMockBNBNativeLibrary):
+    sys.exit(3)  # no native CPU library: bitsandbytes never reaches the notice
+sys.modules["kernels"] = None
+bitsandbytes.functional.has_avx512bf16 = lambda: True
+importlib.reload(importlib.import_module("bitsandbytes.backends.cpu.ops"))
+"""
+
+
+@SCRIPTS
+def test_bitsandbytes_does_not_tell_a_user_about_its_optional_cpu_kernel(script, assets):
+    pytest.importorskip("bitsandbytes")
+    code = IMPORT_AS_ON_AN_AVX512_BF16_CPU.format(script=script.__name__)
+    ran = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=300)
+    if ran.returncode == 3:
+        pytest.skip("bitsandbytes has no native CPU library here")
+    assert ran.returncode == 0, ran.stderr
+    assert not noise_in(ran.stdout + ran.stderr)
+
+
 def test_a_hub_name_without_network_fails_at_once_in_one_line(assets, tmp_path, monkeypatch):
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
     monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", "http://127.0.0.1:9")  # nothing listens there
@@ -133,7 +175,7 @@ def test_a_hub_name_without_network_fails_at_once_in_one_line(assets, tmp_path, 
         # Local folders alone never ask the network.
         arguments = run_clm.parse_arguments(tiny_run_arguments(run_clm, assets, tmp_path))
         model_args, data_args, _, adapter_args, _ = arguments
-        run_clm.check_hub_is_reachable(model_args, data_args, adapter_args)
+        check_hub_is_reachable(model_args, data_args, adapter_args)
     finally:
         monkeypatch.undo()
         huggingface_hub.utils.reset_sessions()
@@ -200,8 +242,8 @@ def test_requirements_txt_alone_gives_the_scripts_every_package_they_import():
     required = [Requirement(line).name for line in lines if line.strip() and not line.startswith(("#", "-"))]
     installable = distribution_closure(required)
     modules = set()
-    for script in ("run_clm.py", "run_mlm.py"):
-        for node in ast.walk(ast.parse((REPO / script).read_text())):
+    for source in (REPO / "run_clm.py", REPO / "run_mlm.py", *(REPO / "lmtune").glob("*.py")):
+        for node in ast.walk(ast.parse(source.read_text())):
             if isinstance(node, ast.Import):
                 modules.update(alias.name.split(".")[0] for alias in node.names)
             elif isinstance(node, ast.ImportFrom) and node.level == 0:
@@ -212,3 +254,19 @@ def test_requirements_txt_alone_gives_the_scripts_every_package_they_import():
     missing = [module for module in third_party
                if not {canonicalize_name(name) for name in distributions[module]} & installable]
     assert not missing, f"imported but not brought by requirements.txt: {missing}"
+
+
+@SCRIPTS
+def test_the_trainers_evaluation_flags_pass_through(script, assets, tmp_path):
+    def evaluate(name, *flags):
+        return script.main(tiny_run_arguments(script, assets, tmp_path / name, "--do_eval", *flags))
+
+    whole = evaluate("whole")
+    # One batch at a time, as the Trainer hands them over with --batch_eval_metrics: the same figures.
+    batched = evaluate("batched", "--batch_eval_metrics")
+    assert batched["eval_loss"] == pytest.approx(whole["eval_loss"], abs=1e-6)
+    assert batched["eval_accuracy"] == pytest.approx(whole["eval_accuracy"], abs=1e-9)
+    # The loss alone: no accuracy, in the metrics, the summary or the plot.
+    loss_only = evaluate("loss-only", "--prediction_loss_only")
+    assert "eval_accuracy" not in loss_only and math.isfinite(loss_only["eval_loss"])
+    assert (tmp_path / "loss-only" / "all_results.json").exists()

@@ -29,8 +29,12 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tools")]  # the scripts and make_tiny_ass
 import adapters  # noqa: E402
 import make_tiny_assets  # noqa: E402
 from readme_table import wrap, write_or_check  # noqa: E402
+from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForMaskedLM  # noqa: E402
+
 import run_clm  # noqa: E402
 import run_mlm  # noqa: E402
+from lmtune.errors import shorten  # noqa: E402
+from lmtune.modeling import load_config, load_model, load_tokenizer  # noqa: E402
 
 START, END = "<!-- adapter-methods:start -->", "<!-- adapter-methods:end -->"
 # (column title, script, tiny model folder, the script's length flag)
@@ -77,7 +81,9 @@ def measure(script, argv):
     # Count with the script's own setup: it freezes head weights that adapters would leave trainable (RoBERTa's
     # lm_head.dense), so this is the number the script's own summary prints.
     model_args, _, training_args, adapter_args, _ = script.parse_arguments(argv)
-    model = script.load_model(model_args, script.load_config(model_args), script.load_tokenizer(model_args))
+    auto_class, loss_type = {run_clm: (AutoModelForCausalLM, "ForCausalLM"),
+                             run_mlm: (AutoModelForMaskedLM, "ForMaskedLM")}[script]
+    model = load_model(model_args, load_config(model_args), load_tokenizer(model_args), auto_class, loss_type)
     script.setup_adapter(model, adapter_args)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
@@ -93,7 +99,7 @@ def short_reason(error):
     for pattern, replacement in SHORTER:
         if re.fullmatch(pattern, reason):
             return re.sub(pattern, replacement, reason)
-    return run_clm.shorten(reason, 80)
+    return shorten(reason, 80)
 
 
 def run_arguments(tiny, model, length_flag, method, output_dir):
@@ -116,7 +122,7 @@ def build_table(tiny):
             continue
         label = f"`{name}`" + "".join(f" (`{alias}`)" for alias in folded if ALIASES[alias] == name)
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
-    config = run_clm.AutoConfig.from_pretrained(tiny / "tiny-gpt2")  # the tiny RoBERTa has the same sizes
+    config = AutoConfig.from_pretrained(tiny / "tiny-gpt2")  # the tiny RoBERTa has the same sizes
     note = (f"Older alias names in parentheses. Measured with adapters {adapters.__version__} on the tiny, randomly "
             f"initialised GPT-2 and RoBERTa of `tools/make_tiny_assets.py` (hidden size {config.n_embd}, "
             f"{config.n_layer} layers, vocab {config.vocab_size}), 2 training steps of 32 tokens; percentages are of "

@@ -36,15 +36,18 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "tools")]  # the scripts and make_tiny_assets are plain files, not a package
 
 import adapters  # noqa: E402
+import make_tiny_assets  # noqa: E402
 import torch  # noqa: E402
+import transformers  # noqa: E402
 from adapters.wrappers.interfaces import CUSTOM_INTERFACES  # noqa: E402
 from adapters.wrappers.model import get_module_name  # noqa: E402
+from readme_table import wrap, write_or_check  # noqa: E402
 from transformers import CONFIG_MAPPING, AutoModelForCausalLM, AutoModelForMaskedLM, AutoTokenizer  # noqa: E402
 
-import make_tiny_assets  # noqa: E402
-from readme_table import wrap, write_or_check  # noqa: E402
 import run_clm  # noqa: E402
 import run_mlm  # noqa: E402
+from lmtune.adapter_setup import BUILT_IN_INTERFACES  # noqa: E402
+from lmtune.errors import shorten  # noqa: E402
 
 START, END = "<!-- model-families:start -->", "<!-- model-families:end -->"
 METHODS = ("seq_bn", "lora")
@@ -92,7 +95,7 @@ class Family:
         """How adapters reaches the model's layers."""
         if self.interface:
             return "--adapter_interface"
-        if self.model_type in self.module.BUILT_IN_INTERFACES:
+        if self.model_type in BUILT_IN_INTERFACES:
             return "interface in the scripts"
         return adapters_support(self.model_type) or "none"
 
@@ -109,6 +112,14 @@ def adapters_support(model_type):
     return "model code in adapters"
 
 
+# The encoder-decoder types (BART, mBART, PLBart, Whisper): the decoder's sizes beside the encoder's.
+BART_SIZES = {"decoder_layers": 2, "encoder_attention_heads": 2, "decoder_attention_heads": 2, "encoder_ffn_dim": 64,
+              "decoder_ffn_dim": 64}
+
+# RoBERTa's position ids count from its padding id, which GPT-2's tokenizer lacks: <|endoftext|> (0), absent from
+# the tokenized corpus, plays that part.
+ROBERTA_DECODER = {"is_decoder": True, "pad_token_id": 0}
+
 FAMILIES = [
     Family("gpt2", "run_clm"),
     Family("llama", "run_clm"),
@@ -117,8 +128,7 @@ FAMILIES = [
     Family("phi", "run_clm"),
     Family("gptj", "run_clm", {"rotary_dim": 8}),
     Family("bert", "run_clm", {"is_decoder": True}),
-    Family("bart", "run_clm", {"decoder_layers": 2, "encoder_attention_heads": 2, "decoder_attention_heads": 2,
-                               "encoder_ffn_dim": 64, "decoder_ffn_dim": 64}),
+    Family("bart", "run_clm", BART_SIZES),
     Family("opt", "run_clm", {"ffn_dim": 64, "word_embed_proj_dim": 32}),
     Family("gpt_neox", "run_clm"),
     Family("gemma", "run_clm"),
@@ -128,6 +138,17 @@ FAMILIES = [
     Family("gpt_neo", "run_clm", {"num_layers": 2, "attention_types": [[["global", "local"], 1]], "window_size": 8}),
     Family("phi3", "run_clm"),
     Family("falcon", "run_clm", {"ffn_hidden_size": 64}),
+    Family("mistral", "run_clm"),
+    Family("qwen3", "run_clm"),
+    Family("gemma3_text", "run_clm", {"query_pre_attn_scalar": 16, "sliding_window": 8}),
+    Family("electra", "run_clm", {"is_decoder": True, "embedding_size": 32}),
+    Family("bert-generation", "run_clm", {"is_decoder": True}),
+    Family("roberta", "run_clm", ROBERTA_DECODER),
+    Family("xlm-roberta", "run_clm", ROBERTA_DECODER),
+    Family("xmod", "run_clm", {**ROBERTA_DECODER, "default_language": "en_XX"}),
+    Family("mbart", "run_clm", BART_SIZES),
+    Family("plbart", "run_clm", BART_SIZES),
+    Family("whisper", "run_clm", {**BART_SIZES, "max_target_positions": 66}),
     Family("roberta", "run_mlm"),
     Family("bert", "run_mlm"),
     Family("distilbert", "run_mlm", {"hidden_dim": 64}),
@@ -137,6 +158,9 @@ FAMILIES = [
     Family("deberta-v2", "run_mlm"),
     Family("modernbert", "run_mlm", {"global_attn_every_n_layers": 2, "local_attention": 8}),
     Family("xlm-roberta", "run_mlm"),
+    Family("bart", "run_mlm", BART_SIZES),
+    Family("mbart", "run_mlm", BART_SIZES),
+    Family("xmod", "run_mlm", {"default_language": "en_XX"}),
     Family("camembert", "run_mlm"),
     Family("camembert", "run_mlm", interface=CAMEMBERT_INTERFACE),
 ]
@@ -158,7 +182,7 @@ def build_model(family, tokenizer_dir, folder):
     # Given to the constructor, which derives other settings from them (such as Qwen2's layer_types).
     accepted = inspect.signature(config_class.__init__).parameters.keys() | config_class.attribute_map.keys()
     settings = {key: value for key, value in {**SMALL, **TOKEN_IDS[family.script]}.items() if key in accepted}
-    config = config_class(**settings, **family.config, vocab_size=len(tokenizer))
+    config = config_class(**{**settings, **family.config}, vocab_size=len(tokenizer))
     auto_class = AutoModelForCausalLM if family.script == "run_clm" else AutoModelForMaskedLM
     torch.manual_seed(0)  # the same weights on every build
     auto_class.from_config(config).save_pretrained(folder)
@@ -257,7 +281,7 @@ def short_reason(error):
     for pattern, replacement in SHORTER:
         if re.fullmatch(pattern, error):
             return re.sub(pattern, replacement, error)
-    return run_clm.shorten(error.split(": error: ", 1)[-1], 80)
+    return shorten(error.split(": error: ", 1)[-1], 80)
 
 
 def measure(family, model_dir, data, folder):
@@ -282,7 +306,7 @@ def table_header():
 
 def build_table(rows):
     lines = table_header() + ["| " + " | ".join(row) + " |" for row in rows]
-    note = (f"Measured with adapters {adapters.__version__} and transformers {run_clm.transformers.__version__} on "
+    note = (f"Measured with adapters {adapters.__version__} and transformers {transformers.__version__} on "
             "tiny random models of each type (hidden size 32, 2 layers, vocabulary 1000), one training step each; ✓ "
             "for an adapter: it trained, saved, and reloaded onto the unchanged base model to the same eval loss.")
     return "\n".join([*lines, "", wrap(note),

@@ -1,0 +1,496 @@
+"""The adapter: adapters.init (through a plugin interface where adapters has no model code), a new or saved
+adapter set up to train or to be evaluated, what adapters cannot do with it refused up front, and a trial training
+step that refuses a method this model cannot train before any data is read."""
+
+import json
+import logging
+import re
+from collections import Counter
+from collections.abc import Mapping
+from contextlib import contextmanager
+from pathlib import Path
+
+import adapters
+import torch
+from adapters import (
+    ADAPTER_CONFIG_MAP,
+    AdapterConfig,
+    AdapterModelInterface,
+    ConfigUnion,
+    LoRAConfig,
+    MTLLoRAConfig,
+    PromptTuningConfig,
+    Stack,
+)
+from adapters.configuration.adapter_config import ReftConfig
+from adapters.loading import AdapterLoader
+from adapters.methods import METHOD_INIT_MAPPING
+from adapters.methods.lora import LoRAMergedLinear
+
+from lmtune.arguments import quantization_flag, quantizes, uses_adapter
+from lmtune.errors import FIX_ADAPTER, UsageError, first_line, reported_as_usage_error, shorten
+from lmtune.logs import log_message_dropped
+
+logger = logging.getLogger(__name__)
+
+
+# Layer names of decoder families that adapters has no model code for, in the fields of its plugin interface
+# (adapters.AdapterModelInterface); --adapter_interface FILE.json gives the same fields for any other model.
+# Bottleneck adapters hook the outputs of attn_o_proj and layer_output_proj, the layer_pre_* modules' inputs are
+# the residuals, and LoRA wraps the projections (a fused attn_qkv_proj in three equal thirds taken as q, k, v).
+LLAMA_LAYERS = {
+    "adapter_methods": ["bottleneck", "lora", "reft", "invertible"],
+    "model_embeddings": "embed_tokens",
+    "model_layers": "layers",
+    "layer_self_attn": "self_attn",
+    "attn_q_proj": "q_proj",
+    "attn_k_proj": "k_proj",
+    "attn_v_proj": "v_proj",
+    "attn_o_proj": "o_proj",
+    "layer_intermediate_proj": "mlp.up_proj",
+    "layer_output_proj": "mlp.down_proj",
+    "layer_pre_self_attn": "input_layernorm",
+    "layer_pre_ffn": "post_attention_layernorm",
+}
+
+
+BUILT_IN_INTERFACES = {
+    "gemma": LLAMA_LAYERS,
+    "olmo": LLAMA_LAYERS,
+    "stablelm": LLAMA_LAYERS,
+    "starcoder2": {**LLAMA_LAYERS, "layer_intermediate_proj": "mlp.c_fc", "layer_output_proj": "mlp.c_proj"},
+    "phi3": {
+        **LLAMA_LAYERS, "attn_q_proj": None, "attn_k_proj": None, "attn_v_proj": None, "attn_qkv_proj": "qkv_proj",
+        "layer_intermediate_proj": "mlp.gate_up_proj",
+    },
+    "opt": {
+        "adapter_methods": ["bottleneck", "lora", "reft", "invertible"],
+        "model_embeddings": "decoder.embed_tokens",
+        "model_layers": "decoder.layers",
+        "layer_self_attn": "self_attn",
+        "attn_q_proj": "q_proj",
+        "attn_k_proj": "k_proj",
+        "attn_v_proj": "v_proj",
+        "attn_o_proj": "out_proj",
+        "layer_intermediate_proj": "fc1",
+        "layer_output_proj": "fc2",
+        "layer_pre_self_attn": "self_attn_layer_norm",
+        "layer_pre_ffn": "final_layer_norm",
+    },
+    "gpt_neo": {
+        "adapter_methods": ["bottleneck", "lora", "reft", "invertible"],
+        "model_embeddings": "wte",
+        "model_layers": "h",
+        "layer_self_attn": "attn.attention",
+        "attn_q_proj": "q_proj",
+        "attn_k_proj": "k_proj",
+        "attn_v_proj": "v_proj",
+        "attn_o_proj": "out_proj",
+        "layer_intermediate_proj": "mlp.c_fc",
+        "layer_output_proj": "mlp.c_proj",
+        "layer_pre_self_attn": "ln_1",
+        "layer_pre_ffn": "ln_2",
+    },
+    # Pythia's query_key_value holds q, k and v per head, interleaved: LoRA's thirds mix them.
+    "gpt_neox": {
+        "adapter_methods": ["bottleneck", "lora", "reft", "invertible"],
+        "model_embeddings": "embed_in",
+        "model_layers": "layers",
+        "layer_self_attn": "attention",
+        "attn_qkv_proj": "query_key_value",
+        "attn_o_proj": "dense",
+        "layer_intermediate_proj": "mlp.dense_h_to_4h",
+        "layer_output_proj": "mlp.dense_4h_to_h",
+        "layer_pre_self_attn": "input_layernorm",
+        "layer_pre_ffn": "post_attention_layernorm",
+    },
+    # Falcon's query_key_value has fewer key and value heads than query heads, or interleaves them per head: it has
+    # no thirds for LoRA.
+    "falcon": {
+        "adapter_methods": ["bottleneck", "reft", "invertible"],
+        "model_embeddings": "word_embeddings",
+        "model_layers": "h",
+        "layer_self_attn": "self_attention",
+        "attn_qkv_proj": "query_key_value",
+        "attn_o_proj": "dense",
+        "layer_intermediate_proj": "mlp.dense_h_to_4h",
+        "layer_output_proj": "mlp.dense_4h_to_h",
+    },
+}
+
+
+# adapters 1.3.0's attention layers for ELECTRA and BertGeneration still read a decoder's key/value cache as older
+# transformers' tuples (past_key_values[0] the keys); transformers 4.57 hands them an EncoderDecoderCache whenever the
+# decoder runs with a cache (generate, a forward pass without labels), and they fail: "expected Tensor ... got tuple".
+TUPLE_CACHE_LAYERS = {"ElectraSelfAttentionWithAdapters", "BertGenerationSelfAttentionWithAdapters"}
+
+
+def setup_adapter(model, adapter_args):
+    """With --train_adapter, add a fresh (or loaded) adapter to the model and freeze everything else; with
+    --load_adapter alone, load the saved adapter to evaluate it, everything frozen."""
+    if not uses_adapter(adapter_args):
+        return
+    init_adapters(model, adapter_args)
+    check_language_adapter_name(adapter_args)
+    # Saved adapters are loaded with the configuration saved with them: adapters' config argument served only the
+    # retired AdapterHub repository, and warns even for a local folder.
+    language_adapter = None
+    if adapter_args.load_lang_adapter:
+        language_adapter = load_saved_adapter(model, "--load_lang_adapter", adapter_args.load_lang_adapter)
+    if adapter_args.load_adapter:
+        load_saved_adapter(model, "--load_adapter", adapter_args.load_adapter, load_as=adapter_args.adapter_name)
+    else:
+        try:
+            model.add_adapter(adapter_args.adapter_name, config=adapter_args.adapter_config)
+        except (ValueError, TypeError, AssertionError, RuntimeError) as error:  # adapters' own checks
+            raise UsageError(cannot_train_message(adapter_args, model, error)) from None
+    with no_alarm_about_inactive_adapters():
+        if adapter_args.train_adapter:
+            model.train_adapter(adapter_args.adapter_name)  # freezes the rest of the model
+        model.set_active_adapters(
+            Stack(language_adapter, adapter_args.adapter_name) if language_adapter else adapter_args.adapter_name
+        )
+    # adapters' train_adapter leaves some head weights trainable (RoBERTa's lm_head.dense); they would change
+    # without being saved with the adapter, so the saved adapter would not reproduce the trained model. An adapter
+    # loaded only to be evaluated stays frozen with the rest.
+    belongs_to_adapter = AdapterLoader(model).filter_func(adapter_args.adapter_name)
+    for name, parameter in model.named_parameters():
+        parameter.requires_grad = adapter_args.train_adapter and parameter.requires_grad and belongs_to_adapter(name)
+    name_layers_for_fsdp(model)
+
+
+def no_alarm_about_inactive_adapters():
+    # Activating or switching adapters passes through a moment without an active adapter, and adapters warns that
+    # none is: a false alarm.
+    return log_message_dropped("adapters.model_mixin", "There are adapters available but none are activated")
+
+
+def name_layers_for_fsdp(model):
+    """adapters.init turns a model's layers into subclasses (GPT2Block into GPT2BlockWithAdapters), but FSDP's
+    transformer-based wrap policy finds the layers to shard one by one through the class names in _no_split_modules,
+    and refuses a name that no module has: name the classes that the model has now. A class is left out if one of its
+    modules shares a weight with the rest of the model (RoBERTa's embeddings, tied to the LM head): FSDP2 shards a
+    weight in one group, so such a module stays in the model's own group."""
+    listed = set(model._no_split_modules or [])
+    references = Counter(id(parameter) for _, parameter in model.named_parameters(remove_duplicate=False))
+    wrappable, sharing = set(), set()
+    for module in model.modules():
+        if listed & {base.__name__ for base in type(module).__mro__}:
+            inside = Counter(id(parameter) for _, parameter in module.named_parameters(remove_duplicate=False))
+            shares = any(references[key] > count for key, count in inside.items())
+            (sharing if shares else wrappable).add(type(module).__name__)
+    model._no_split_modules = sorted(wrappable - sharing)
+
+
+def load_saved_adapter(model, flag, location, **load_kwargs):
+    """Load a saved adapter and insist that every one of its weights found its place in this model: adapters
+    itself only warns, and keeps freshly initialised weights where a saved one did not fit."""
+    loading_info = {}
+    with reported_as_usage_error(flag, location, fix=FIX_ADAPTER):
+        try:
+            # use_safetensors reads adapter.safetensors where present and falls back to pytorch_adapter.bin.
+            name = model.load_adapter(location, with_head=False, use_safetensors=True, loading_info=loading_info,
+                                      **load_kwargs)
+        except RuntimeError as error:  # torch's load_state_dict: weights of other shapes, e.g. another width
+            mismatch = next((line.strip() for line in str(error).splitlines() if "size mismatch" in line), None)
+            raise UsageError(
+                f"{flag} {location} does not fit this {model.config.model_type} model "
+                f"({shorten(mismatch or first_line(error))}); {FIX_ADAPTER}."
+            ) from None
+    # adapters names the missing weights from the model or from its base model, depending on the method.
+    state = {**model.base_model.state_dict(), **model.state_dict()}
+    missing = set(loading_info.get("missing_keys", []))
+    # Weights shared under several names (prefix tuning's pool) are saved once: their other names load with it.
+    loaded = {tensor.data_ptr() for key, tensor in state.items() if key not in missing}
+    misfits = loading_info.get("unexpected_keys", []) + [
+        key for key in missing if key not in state or state[key].data_ptr() not in loaded]
+    if misfits:
+        raise UsageError(
+            f"{flag} {location} does not fit this {model.config.model_type} model: {len(misfits)} weights have no "
+            f"place in it, e.g. {misfits[0]}; {FIX_ADAPTER}."
+        )
+    return name
+
+
+def init_adapters(model, adapter_args):
+    """adapters.init, through a plugin interface for the model types that adapters has no model code for, leaving
+    what the model computes exactly as it was."""
+    # A model saved by an adapters-initialised full fine-tuning carries an "adapters" dict in its config;
+    # adapters.init would share it with the new adapter setup, whose objects can then not be written to JSON.
+    if isinstance(getattr(model.config, "adapters", None), dict):
+        del model.config.adapters
+    model_type = model.config.model_type
+    interface = None
+    if adapter_args.adapter_interface:
+        interface = read_adapter_interface(adapter_args.adapter_interface)
+    elif model_type in BUILT_IN_INTERFACES:
+        interface = interface_from_fields(BUILT_IN_INTERFACES[model_type])
+    without_bias = {name for name, module in model.named_modules() if getattr(module, "bias", False) is None}
+    try:
+        adapters.init(model, interface=interface)
+    except ValueError as error:
+        if interface is None and isinstance(error.__context__, ImportError):  # adapters found no model code
+            raise UsageError(
+                f"--train_adapter: adapters {adapters.__version__} has no support for {model_type} models; name "
+                "their layers in --adapter_interface FILE.json, or train the whole model without --train_adapter."
+            ) from None
+        if interface is None or not str(error).startswith("AdapterInterface"):  # adapters' check of the names
+            raise
+        raise UsageError(interface_misfit_message(model_type, adapter_args, error)) from None
+    except (AttributeError, TypeError) as error:
+        if not adapter_args.adapter_interface:
+            raise
+        # The file names a module of the wrong kind, such as a layer norm for a projection.
+        raise UsageError(interface_misfit_message(model_type, adapter_args, error)) from None
+    remove_added_biases(model, without_bias)
+    if reads_tuple_cache(model):
+        # transformers hands these layers a Cache object, which they cannot read: the model computes without one.
+        model.config.use_cache = model.generation_config.use_cache = False
+
+
+def reads_tuple_cache(model):
+    """Whether the model is a decoder whose adapter layers read the attention cache as older transformers' tuples."""
+    return model.config.is_decoder and any(type(module).__name__ in TUPLE_CACHE_LAYERS for module in model.modules())
+
+
+def interface_misfit_message(model_type, adapter_args, error):
+    interface = (f"--adapter_interface {adapter_args.adapter_interface}" if adapter_args.adapter_interface
+                 else f"The built-in adapter interface for {model_type}")
+    return (
+        f"{interface} does not fit this {model_type} model ({shorten(first_line(error))}); name its layers in "
+        "--adapter_interface FILE.json."
+    )
+
+
+def remove_added_biases(model, without_bias):
+    # adapters' LoRA wrapper of a fused query/key/value projection (DeBERTa, ModernBERT) gives a projection without
+    # a bias a randomly initialised one, which would change the pretrained model's outputs.
+    for name, module in model.named_modules():
+        if name in without_bias and getattr(module, "bias", None) is not None:
+            module.bias = None
+
+
+def check_language_adapter_name(adapter_args):
+    config_file = Path(adapter_args.load_lang_adapter or "") / "adapter_config.json"
+    if config_file.is_file() and json.loads(config_file.read_text()).get("name") == adapter_args.adapter_name:
+        raise UsageError(
+            f"--load_lang_adapter {adapter_args.load_lang_adapter} holds an adapter named "
+            f"'{adapter_args.adapter_name}', like the adapter to train, and would replace it; "
+            "pass another --adapter_name."
+        )
+
+
+def cannot_train_message(adapter_args, model, reason):
+    reason = re.sub(r"'\w+Config\(.*\)'", "this configuration", first_line(reason))  # drop the long repr
+    method = (f"--load_adapter {adapter_args.load_adapter}" if adapter_args.load_adapter
+              else f"--adapter_config {adapter_args.adapter_config}")
+    interface = getattr(model.base_model, "adapter_interface", None)
+    methods = "such as seq_bn or lora" if interface is None else (
+        f"of a kind its adapter interface supports ({', '.join(interface.adapter_methods)})")
+    return (
+        f"{method} cannot be trained on a {model_kind(model)} model "
+        f"({shorten(reason)}); choose another method {methods}, change its settings with name[key=value,...], "
+        "or train the whole model without --train_adapter."
+    )
+
+
+def model_kind(model):
+    for bits in (4, 8):
+        if getattr(model, f"is_loaded_in_{bits}bit", False):
+            return f"{bits}-bit quantized {model.config.model_type}"
+    return model.config.model_type
+
+
+def check_adapter_options(model, model_args, adapter_args):
+    """Refuse now, before any data is read, what adapters cannot do with this adapter: merge it, or run it quantized."""
+    if not uses_adapter(adapter_args):
+        return
+    config = model.adapters_config.get(adapter_args.adapter_name)
+    if adapter_args.merge_adapter and not can_merge(config):
+        mergeable = ", ".join(name for name in ADAPTER_CONFIG_MAP if can_merge(AdapterConfig.load(name)))
+        adapter = (f"the {config.architecture or 'bottleneck'} adapter of --load_adapter {adapter_args.load_adapter}"
+                   if adapter_args.load_adapter else f"--adapter_config {adapter_args.adapter_config}")
+        raise UsageError(
+            f"--merge_adapter cannot fold {adapter} into the model's weights: adapters {adapters.__version__} merges "
+            f"only {mergeable} (without gating); train one of these, or drop --merge_adapter."
+        )
+    if quantizes(model_args) and any(isinstance(module, LoRAMergedLinear) for module in model.modules()):
+        flag = quantization_flag(model_args)
+        raise UsageError(
+            f"{flag} does not work on a {model.config.model_type} model: adapters {adapters.__version__} wraps its "
+            "fused query/key/value projection in a layer that cannot compute with quantized weights; drop "
+            f"{flag}, or use a model with separate projections such as Llama or RoBERTa."
+        )
+
+
+def can_merge(config):
+    # adapters' merge_adapter folds the weight changes of LoRA-style methods into the layers they change, and silently
+    # skips every other method; it refuses gates (UniPELT), and folds MTL-LoRA into weights of the wrong shape.
+    components = config.configs if isinstance(config, ConfigUnion) else [config]
+    return all(isinstance(component, LoRAConfig) and not isinstance(component, MTLLoRAConfig)
+               and not component.use_gating for component in components)
+
+
+# Sizes of adapters' configurations that make no adapter, or divide by zero, unless positive.
+POSITIVE_SIZES = ("r", "alpha", "reduction_factor", "prefix_length", "bottleneck_size", "prompt_length")
+
+
+def check_adapter_config(spec):
+    try:
+        config = AdapterConfig.load(spec)
+    except (ValueError, TypeError, KeyError, OSError, SyntaxError) as error:
+        raise UsageError(
+            f"--adapter_config {spec} is not an adapter configuration ({shorten(first_line(error))}); use a name "
+            "such as seq_bn, lora or prefix_tuning, name[key=value,...], a union a|b, or a config .json file."
+        ) from None
+    components = config.configs if isinstance(config, ConfigUnion) else [config]
+    if any(isinstance(component, ReftConfig) and not component.subtract_projection for component in components):
+        raise UsageError(
+            f"--adapter_config {spec}: adapters {adapters.__version__} does not save DiReFT's subtract_projection, "
+            "so a saved DiReFT adapter would reload as NoReFT with other results; use loreft or noreft instead."
+        )
+    for component in components:
+        for key in POSITIVE_SIZES:
+            value = getattr(component, key, None)
+            values = value.values() if isinstance(value, Mapping) else [value]  # reduction_factor per layer
+            wrong = next((size for size in values if isinstance(size, (int, float)) and size <= 0), None)
+            if wrong is not None:
+                raise UsageError(
+                    f"--adapter_config {spec}: {key}={wrong:g} leaves {type(component).__name__} no size to train "
+                    f"with; give {key} a positive value (default {getattr(type(component), key, None)})."
+                )
+
+
+def read_adapter_interface(path):
+    """The AdapterModelInterface of a --adapter_interface file: its fields, or the adapter_interface.json that
+    adapters saves with an adapter (the fields under "interface")."""
+    flag = f"--adapter_interface {path}"
+    try:
+        fields = json.loads(Path(path).read_text())
+    except OSError as error:
+        raise UsageError(f"{flag} cannot be read ({error.strerror}); give the path of a .json file.") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise UsageError(f"{flag} is not valid JSON ({error}); fix the file.") from None
+    if isinstance(fields, dict) and isinstance(fields.get("interface"), dict):
+        fields = fields["interface"]
+    if not isinstance(fields, dict):
+        raise UsageError(f"{flag} holds no JSON object; give an object of AdapterModelInterface fields.")
+    methods = fields.get("adapter_methods")
+    if not (isinstance(methods, list) and set(methods) <= METHOD_INIT_MAPPING.keys()):
+        raise UsageError(
+            f"{flag}: adapter_methods {json.dumps(methods)} is not a list of method kinds; use some of "
+            f"{', '.join(METHOD_INIT_MAPPING)}."
+        )
+    not_names = [key for key, value in fields.items()
+                 if key != "adapter_methods" and value is not None and not isinstance(value, str)]
+    if not_names:
+        raise UsageError(
+            f"{flag}: {', '.join(not_names)} must each be a module path such as \"decoder.layers\", or null."
+        )
+    try:
+        return interface_from_fields(fields)
+    except (TypeError, ValueError) as error:  # a missing or unknown field, or q/k/v and qkv both or neither given
+        raise UsageError(
+            f"{flag} does not describe an adapter interface ({shorten(first_line(error))}); give the fields of "
+            "adapters.AdapterModelInterface."
+        ) from None
+
+
+def interface_from_fields(fields):
+    # A causal or masked language model has no cross-attention: the field that adapters requires may be left out.
+    return AdapterModelInterface(**{"layer_cross_attn": None, **fields})
+
+
+# What adapters and the models raise for a method or dtype they cannot compute with, in the trial training step.
+TRIAL_STEP_ERRORS = (RuntimeError, ValueError, TypeError, AttributeError, AssertionError, IndexError)
+
+
+def check_adapter_trains(model, tokenizer, data_collator, model_args, training_args, adapter_args):
+    """One forward and backward pass on a sentence: a method this model cannot train is refused now, in seconds,
+    and so is a model that cannot compute at all in the chosen dtype, naming the flags that set it."""
+    if not adapter_args.train_adapter:
+        return
+    if model.dtype != torch.float32 and not (training_args.bf16 or training_args.fp16):
+        raise UsageError(
+            f"--torch_dtype {model_args.torch_dtype} loads the base model in {model.dtype} while the adapter trains "
+            "in float32: add --bf16 (or --fp16 on a GPU) to compute in mixed precision, or drop --torch_dtype."
+        )
+    example = tokenizer("Adapters are checked on one short sentence before any training starts.")
+    example["labels"] = list(example["input_ids"])
+    random_state = torch.get_rng_state()
+    batch = data_collator([example])
+    model.eval()  # no dropout: the check draws no random numbers that training would have drawn
+    try:
+        with half_precision_autocast(model):
+            model(**batch).loss.backward()
+    except TRIAL_STEP_ERRORS as error:
+        if model.dtype != torch.float32 and not runs_without_adapter(model, batch):
+            raise UsageError(
+                f"The {model.config.model_type} model cannot compute in {model.dtype} here "
+                f"({shorten(first_line(error))}); check --torch_dtype, --bf16/--fp16 and --use_cpu."
+            ) from None
+        raise UsageError(cannot_train_message(adapter_args, model, error)) from None
+    finally:
+        torch.set_rng_state(random_state)
+        model.train()
+    reached = any(parameter.grad is not None for parameter in model.parameters() if parameter.requires_grad)
+    model.zero_grad(set_to_none=True)
+    if not reached:
+        raise UsageError(cannot_train_message(
+            adapter_args, model, "none of its weights reach the loss: its settings leave out every layer, or it "
+            "sits under a language adapter that only the first adapter of a stack can use"))
+
+
+def half_precision_autocast(model):
+    # A base model loaded in half precision trains under autocast (--bf16/--fp16); the check runs on the CPU,
+    # before the Trainer moves the model, so it computes there in the base model's dtype.
+    return torch.autocast("cpu", dtype=model.dtype, enabled=model.dtype in (torch.bfloat16, torch.float16))
+
+
+def runs_without_adapter(model, batch):
+    """Whether the base model alone computes the batch: if not, the adapter is not what fails."""
+    active = model.active_adapters
+    model.set_active_adapters(None)
+    try:
+        with torch.no_grad(), half_precision_autocast(model):
+            model(input_ids=batch["input_ids"])
+    except TRIAL_STEP_ERRORS:
+        return False
+    finally:
+        model.set_active_adapters(active)
+    return True
+
+
+class PromptLabelCollator:
+    """Gives the virtual tokens of prompt tuning the label -100: the model's output is longer than its input by
+    the prompt, and the loss and the metrics need labels of the same length."""
+
+    def __init__(self, collator, start, length):
+        self.collator, self.start, self.length = collator, start, length
+
+    def __call__(self, examples):
+        batch = self.collator(examples)
+        labels = batch["labels"]
+        prompt = labels.new_full((labels.shape[0], self.length), -100)
+        batch["labels"] = torch.cat([labels[:, : self.start], prompt, labels[:, self.start :]], dim=1)
+        return batch
+
+
+def with_prompt_labels(collator, model):
+    prompt_tuning = getattr(model.base_model, "prompt_tuning", None)
+    active = getattr(model, "active_adapters", None)
+    if prompt_tuning is None or not active or active.first() not in prompt_tuning.prompt_tunings:
+        return collator  # adapters applies the prompt of the first active adapter only
+    config = model.adapters_config.match(active.first(), PromptTuningConfig)
+    return PromptLabelCollator(collator, 1 if config.combine == "prefix_after_bos" else 0, config.prompt_length)
+
+
+@contextmanager
+def adapters_off(model):
+    trained_setup, skip_layers = model.active_adapters, model.adapters_config.skip_layers
+    with no_alarm_about_inactive_adapters():
+        model.set_active_adapters(None)
+        try:
+            yield
+        finally:
+            model.set_active_adapters(trained_setup, skip_layers=skip_layers)

@@ -1,0 +1,365 @@
+"""The command line: the argument groups both scripts share, a parser with a readable --help and one-line
+errors, and small questions about the arguments that several phases ask."""
+
+import argparse
+import json
+import logging
+import os
+import re
+import sys
+from dataclasses import dataclass, field
+from typing import Optional
+
+from adapters import AdapterArguments
+from transformers import HfArgumentParser, TrainingArguments
+
+from lmtune.errors import UsageError, one_line
+from lmtune.hardware import LAUNCHER_PRECISION, unpin_memory_without_accelerator
+
+logger = logging.getLogger(__name__)
+
+
+COMMON_TRAINER_FLAGS = {
+    "output_dir", "overwrite_output_dir", "do_train", "do_eval", "num_train_epochs", "max_steps",
+    "per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps", "learning_rate",
+    "logging_steps", "eval_strategy", "eval_steps", "eval_on_start", "save_strategy", "save_steps", "save_total_limit",
+    "resume_from_checkpoint", "seed", "bf16", "fp16", "torch_compile", "report_to", "push_to_hub",
+}
+
+
+@dataclass
+class ModelArguments:
+    """Which model, config and tokenizer to start from."""
+
+    _argument_group_name = "Model and tokenizer"  # a heading of its own in --help
+
+    model_name_or_path: Optional[str] = field(
+        default=None,
+        metadata={
+            "help": "Hub name or local folder of the pretrained model to start from. "
+            "Leave unset to build a new model from --model_type (and --config_overrides)."
+        },
+    )
+    model_type: Optional[str] = field(
+        default=None,
+        metadata={
+            "help": "Model architecture to build from scratch when --model_name_or_path is unset: a transformers "
+            "model type such as gpt2 or llama (run_clm.py), roberta or bert (run_mlm.py)."
+        },
+    )
+    config_overrides: Optional[str] = field(
+        default=None,
+        metadata={
+            "help": "Config values to change when building a model from scratch, as key=value pairs separated by "
+            "commas, e.g. n_embd=64,n_layer=2,n_head=2. Not combinable with --model_name_or_path or --config_name."
+        },
+    )
+    config_name: Optional[str] = field(
+        default=None, metadata={"help": "Config name or path, if different from --model_name_or_path."}
+    )
+    tokenizer_name: Optional[str] = field(
+        default=None, metadata={"help": "Tokenizer name or path, if different from --model_name_or_path."}
+    )
+    cache_dir: Optional[str] = field(
+        default=None, metadata={"help": "Where to cache models and datasets downloaded from the hub."}
+    )
+    use_fast_tokenizer: bool = field(
+        default=True, metadata={"help": "Use a fast (Rust `tokenizers`) tokenizer when the model has one."}
+    )
+    model_revision: str = field(
+        default="main", metadata={"help": "Model version to use: a branch name, tag name or commit id."}
+    )
+    token: Optional[str] = field(
+        default=None,
+        metadata={"help": "Hub access token for private models; defaults to the one stored by `hf auth login`."},
+    )
+    trust_remote_code: bool = field(
+        default=False,
+        metadata={
+            "help": "Allow running model code from the hub repository. Only set this for repositories you trust "
+            "and whose code you have read."
+        },
+    )
+    torch_dtype: Optional[str] = field(
+        default=None,
+        metadata={
+            "help": "Load the model weights in this dtype; 'auto' takes the dtype stored with the weights.",
+            "choices": ["auto", "bfloat16", "float16", "float32"],
+        },
+    )
+    low_cpu_mem_usage: bool = field(
+        default=False,
+        metadata={
+            "help": "Load the pretrained model without first building a randomly initialised copy, which saves "
+            "memory and time for large models."
+        },
+    )
+    load_in_4bit: bool = field(
+        default=False,
+        metadata={
+            "help": "QLoRA-style: load the pretrained model's linear layers quantized to 4 bits (NF4 with double "
+            "quantization, by bitsandbytes) and train an adapter on top of them in fp32. Needs --train_adapter and "
+            "`pip install -r requirements-quantization.txt`."
+        },
+    )
+    load_in_8bit: bool = field(
+        default=False,
+        metadata={
+            "help": "Like --load_in_4bit, with the linear layers quantized to 8 bits (LLM.int8 by bitsandbytes)."
+        },
+    )
+
+
+@dataclass
+class DataArguments:
+    """Which data to train and evaluate on. Each script adds how it cuts the data into examples (a subclass)."""
+
+    _argument_group_name = "Data"
+
+    dataset_name: Optional[str] = field(
+        default=None,
+        metadata={"help": "Hub dataset name, or a local folder of data files or of a dataset saved with save_to_disk."},
+    )
+    dataset_config_name: Optional[str] = field(
+        default=None, metadata={"help": "Configuration of the hub dataset, e.g. wikitext-2-raw-v1."}
+    )
+    train_file: Optional[str] = field(
+        default=None, metadata={"help": "Training data file: .txt, .csv, .json, .jsonl or .parquet."}
+    )
+    validation_file: Optional[str] = field(
+        default=None,
+        metadata={"help": "Validation data file (same formats) to compute perplexity and accuracy on."},
+    )
+    max_train_samples: Optional[int] = field(
+        default=None,
+        metadata={"help": "Keep only the first this many training examples, for debugging or quicker runs."},
+    )
+    max_eval_samples: Optional[int] = field(
+        default=None,
+        metadata={"help": "Keep only the first this many validation examples, for debugging or quicker runs."},
+    )
+    streaming: bool = field(
+        default=False,
+        metadata={"help": "Read the data as a stream instead of loading it whole; needs --max_steps to train."},
+    )
+    overwrite_cache: bool = field(
+        default=False, metadata={"help": "Redo tokenization and grouping instead of using the `datasets` cache."}
+    )
+    validation_split_percentage: Optional[int] = field(
+        default=5,
+        metadata={
+            "help": "Percentage of the training data held out for validation when the data has no validation "
+            "split (when streaming, every (100/percentage)-th example)."
+        },
+    )
+    preprocessing_num_workers: Optional[int] = field(
+        default=None,
+        metadata={
+            "help": "Number of processes that tokenize (default: this one, where a fast tokenizer uses every core). "
+            "Only worth it for large corpora: each process costs a second or more to start."
+        },
+    )
+
+    def text_file_options(self):
+        """Options for the `datasets` reader of .txt files; a script's subclass adds those of its flags."""
+        return {}
+
+    def skips_blank_texts(self):
+        """Whether texts of only whitespace are left out as well as empty ones: true where each text makes an
+        example of its own (--line_by_line), where whitespace alone is no example."""
+        return False
+
+
+@dataclass
+class AdapterGroupArguments(AdapterArguments):
+    """The adapters library's AdapterArguments, under a heading of their own in --help and with help texts that say
+    what each flag takes here (the library's speak of its retired AdapterHub repository). Each script names the
+    adapter after its objective (a subclass)."""
+
+    _argument_group_name = "Adapter"
+    ADAPTER_NAME_HELP = "Name of the trained or loaded adapter; a trained one is saved in <output_dir>/<adapter_name>/."
+
+    train_adapter: bool = field(
+        default=False,
+        metadata={
+            "help": "Train an adapter (see --adapter_config) while the model's own weights stay frozen; without it, "
+            "the whole model is fine-tuned."
+        },
+    )
+    load_adapter: Optional[str] = field(
+        default="",
+        metadata={
+            "help": "Saved adapter to start from: a local folder (an earlier run's <output_dir>/<adapter_name>, or "
+            "any folder written by save_adapter) or a Hugging Face Hub repository name. With --train_adapter it is "
+            "trained further; with --do_eval alone it is evaluated as it is."
+        },
+    )
+    adapter_config: Optional[str] = field(
+        default="seq_bn",
+        metadata={
+            "help": "Adapter method to train: a name such as seq_bn, lora or prefix_tuning, name[key=value,...], a "
+            "union a|b, or the path of a config .json file. A loaded adapter keeps the configuration saved with it."
+        },
+    )
+    load_lang_adapter: Optional[str] = field(
+        default=None,
+        metadata={
+            "help": "Saved language adapter (a local folder or a Hub repository name) to stack, frozen, under the "
+            "adapter that is trained or loaded."
+        },
+    )
+    lang_adapter_config: Optional[str] = field(
+        default=None,
+        metadata={
+            "help": "Accepted for the AdapterHub examples' command lines: a loaded language adapter keeps the "
+            "configuration saved with it."
+        },
+    )
+    adapter_name: str = field(default="adapter", metadata={"help": ADAPTER_NAME_HELP})
+    adapter_interface: Optional[str] = field(
+        default=None,
+        metadata={
+            "help": "A .json file naming the model's layers for adapters' plugin interface (the fields of "
+            "adapters.AdapterModelInterface), for a model type that adapters and the built-in interfaces do not "
+            "cover; see README.md. The adapter_interface.json saved with such an adapter is such a file."
+        },
+    )
+    merge_adapter: bool = field(
+        default=False,
+        metadata={
+            "help": "After training (or with --load_adapter, without it), also write <output_dir>/merged/: the model "
+            "with the adapter folded into its weights, and the tokenizer, which load with plain transformers. Only "
+            "LoRA-style adapters can be merged; a quantized base is merged in full precision."
+        },
+    )
+
+
+@dataclass
+class EvaluationArguments:
+    """When to stop training early, and the samples that show what the trained model does."""
+
+    _argument_group_name = "Early stopping and samples"
+
+    early_stopping_patience: Optional[int] = field(
+        default=None,
+        metadata={
+            "help": "Stop training after this many evaluations in a row without improvement of "
+            "--metric_for_best_model. Needs --load_best_model_at_end and an --eval_strategy (steps or epoch)."
+        },
+    )
+    early_stopping_threshold: float = field(
+        default=0.0,
+        metadata={
+            "help": "With --early_stopping_patience: the least change of the metric that counts as an improvement."
+        },
+    )
+    num_samples: int = field(
+        default=3,
+        metadata={
+            "help": "After evaluation, run this many prompts (the first validation texts, or --sample_prompts) "
+            "through the base model and the adapted model (run_clm.py continues them greedily, run_mlm.py fills "
+            "their masks with its top predictions), show them in the summary and write them to "
+            "<output_dir>/samples.jsonl; 0 turns samples off."
+        },
+    )
+    sample_prompts: Optional[str] = field(
+        default=None,
+        metadata={
+            "help": "Text file with one prompt per line for the samples, instead of the first validation texts. "
+            "For run_mlm.py the tokenizer's mask token marks what to fill; in a prompt without one, some tokens "
+            "are masked."
+        },
+    )
+
+
+class ArgumentParser(HfArgumentParser):
+    """HfArgumentParser with a --help that reads well in a terminal, and one-line errors.
+
+    --help lists the script's own groups first, then the Trainer's most used flags; --help-all lists every flag. A bad
+    command line is reported as a UsageError (one line) instead of argparse's usage block.
+    """
+
+    def __init__(self, dataclass_types, every_flag=True):
+        super().__init__(dataclass_types, usage="%(prog)s --flag value ... (or: %(prog)s args.json)", add_help=False)
+        # TrainingArguments has no heading of its own: its flags fill argparse's default group, which prints first.
+        trainer_group = self._optionals
+        trainer_group.title = "Training (the Trainer's flags)"
+        if not every_flag:
+            trainer_group.description = "The most used of the Trainer's flags; --help-all lists all of them."
+        self._action_groups.remove(trainer_group)
+        self._action_groups.append(trainer_group)
+        help_group = self.add_argument_group("Help")
+        help_group.add_argument("-h", "--help", action="help", help="Show the script's flags and the Trainer's most "
+                                "used ones, and exit.")
+        help_group.add_argument("--help-all", action="help", help="Show every flag, and exit.")
+        for action in self._actions:
+            make_help_readable(action)
+            if not every_flag and action in trainer_group._group_actions and action.dest not in COMMON_TRAINER_FLAGS:
+                action.help = argparse.SUPPRESS
+
+    def error(self, message):
+        raise UsageError(f"{message}; see --help for the flags and their values.")
+
+
+def make_help_readable(action):
+    if action.help:
+        # argparse formats each help text with %: a bare % (TrainingArguments' "10% slower") would print a dict.
+        action.help = re.sub(r"%(?!\()", "%%", action.help)
+    if action.const is False and action.option_strings[0].startswith("--no_"):
+        # HfArgumentParser gives --no_X the help text of --X, and a default of its own that --X's default overrides.
+        action.help = f"Turn --{action.dest} off (it is on by default)."
+        action.default = argparse.SUPPRESS
+
+
+def parse_command_line(argv, data_arguments, adapter_arguments):
+    """Read the five argument groups from the command line, or from a single .json file of arguments; the script
+    hands in its own data and adapter argument classes."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = ArgumentParser(
+        (ModelArguments, data_arguments, TrainingArguments, adapter_arguments, EvaluationArguments),
+        every_flag="--help-all" in argv,
+    )
+    # TrainingArguments writes the precision it chooses into the environment, where a later run in this process
+    # would take it for the launcher's setting: each run starts from the launcher's.
+    if LAUNCHER_PRECISION is None:
+        os.environ.pop("ACCELERATE_MIXED_PRECISION", None)
+    else:
+        os.environ["ACCELERATE_MIXED_PRECISION"] = LAUNCHER_PRECISION
+    try:
+        if len(argv) == 1 and argv[0].endswith(".json"):
+            arguments = parser.parse_json_file(argv[0])
+        else:
+            arguments = parser.parse_args_into_dataclasses(args=argv)
+    except FileNotFoundError:
+        raise UsageError(
+            f"The arguments file {argv[0]} does not exist; give the path of an existing .json file."
+        ) from None
+    except OSError as error:
+        raise UsageError(
+            f"The arguments file {argv[0]} cannot be read ({error.strerror}); give the path of an existing .json file."
+        ) from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise UsageError(f"The arguments file {argv[0]} is not valid JSON ({error}); fix the file.") from None
+    except ValueError as error:  # unknown flags or JSON keys, or a combination that TrainingArguments rejects
+        if "setup doesn't support bf16" in str(error):  # TrainingArguments' message for hardware without bf16
+            raise UsageError(
+                "--bf16 needs a GPU with bf16 support; on a CPU add --use_cpu (fast only on CPUs with native bf16, "
+                "avx512_bf16 or amx_bf16 in /proc/cpuinfo), or drop --bf16."
+            ) from None
+        raise UsageError(f"{one_line(error)}; see --help for the flags and their values.") from None
+    unpin_memory_without_accelerator(arguments[2])
+    return arguments
+
+
+def uses_adapter(adapter_args):
+    """Whether the run puts an adapter into the model: one to train, or a saved one that is only evaluated."""
+    return bool(adapter_args.train_adapter or adapter_args.load_adapter)
+
+
+def quantization_flag(model_args):
+    return "--load_in_4bit" if model_args.load_in_4bit else "--load_in_8bit"
+
+
+def quantizes(model_args):
+    """Whether the base model's weights are loaded quantized (--load_in_4bit or --load_in_8bit)."""
+    return model_args.load_in_4bit or model_args.load_in_8bit

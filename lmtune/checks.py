@@ -1,0 +1,317 @@
+"""The checks made before anything slow happens: a mistake in the command line, or a setting that the libraries
+would reject later or that gives a result nobody should trust, is refused in one sentence naming the flag and the
+fix."""
+
+import codecs
+import importlib.util
+import logging
+import os
+
+import huggingface_hub
+import torch
+import transformers
+from transformers import CONFIG_MAPPING, Trainer
+
+from lmtune.adapter_setup import check_adapter_config, read_adapter_interface
+from lmtune.arguments import quantization_flag, quantizes, uses_adapter
+from lmtune.data import FILE_BUILDERS, file_extension, read_prompts
+from lmtune.errors import UsageError, first_line
+from lmtune.hardware import warn_if_bf16_is_emulated
+from lmtune.output_dir import is_complete_checkpoint
+
+logger = logging.getLogger(__name__)
+
+
+def check_arguments(model_args, data_args, training_args, adapter_args, evaluation_args):
+    """Refuse mistakes before anything slow happens, each with one sentence naming the flag and the fix."""
+    check_model_arguments(model_args)
+    check_data_arguments(data_args, training_args)
+    check_training_arguments(training_args)
+    check_best_model_arguments(training_args)
+    check_adapter_arguments(adapter_args, training_args)
+    check_evaluation_arguments(evaluation_args, training_args)
+    check_quantization_arguments(model_args, adapter_args)
+    check_merge_arguments(training_args, adapter_args)
+    check_gradient_checkpointing_arguments(training_args, adapter_args)
+    check_hub_is_reachable(model_args, data_args, adapter_args)
+    warn_if_bf16_is_emulated(training_args)
+
+
+def check_model_arguments(model_args):
+    if model_args.config_overrides and (model_args.model_name_or_path or model_args.config_name):
+        raise UsageError(
+            "--config_overrides only applies to a model built from scratch: drop it, or drop "
+            "--model_name_or_path/--config_name and pass --model_type instead."
+        )
+    if not (model_args.model_name_or_path or model_args.config_name or model_args.model_type):
+        raise UsageError("No model given: pass --model_name_or_path, or --model_type to build one from scratch.")
+    if model_args.model_type is not None and model_args.model_type not in CONFIG_MAPPING:
+        raise UsageError(
+            f"--model_type {model_args.model_type} is not a transformers model type; use one such as gpt2 or llama "
+            "(causal), roberta or bert (masked)."
+        )
+    if not (model_args.tokenizer_name or model_args.model_name_or_path):
+        raise UsageError(
+            "A model built from scratch still needs a tokenizer: pass --tokenizer_name with a hub name or a folder "
+            "saved with save_pretrained."
+        )
+
+
+def check_data_arguments(data_args, training_args):
+    """The data flags both scripts share; each script checks its own (the example length) before calling this."""
+    if data_args.dataset_name is None and data_args.train_file is None and data_args.validation_file is None:
+        raise UsageError("No data given: pass --dataset_name, or --train_file and/or --validation_file.")
+    for flag, path in (("--train_file", data_args.train_file), ("--validation_file", data_args.validation_file)):
+        if path is not None:
+            check_data_file(flag, path)
+    if training_args.do_train and data_args.dataset_name is None and data_args.train_file is None:
+        raise UsageError("--do_train needs training data: pass --train_file or --dataset_name.")
+    if not 0 < data_args.validation_split_percentage < 100:
+        raise UsageError(
+            f"--validation_split_percentage {data_args.validation_split_percentage} must be between 1 and 99."
+        )
+    for flag, value in (("--max_train_samples", data_args.max_train_samples),
+                        ("--max_eval_samples", data_args.max_eval_samples)):
+        if value is not None and value < 1:
+            raise UsageError(f"{flag} {value} must be a positive number of examples; leave it out to keep them all.")
+    if data_args.preprocessing_num_workers is not None and data_args.preprocessing_num_workers < 1:
+        raise UsageError(
+            f"--preprocessing_num_workers {data_args.preprocessing_num_workers} must be at least 1; leave it out "
+            "to tokenize in this process."
+        )
+    if data_args.streaming and training_args.do_train and training_args.max_steps <= 0:
+        raise UsageError("--streaming has no known length to plan epochs with: pass --max_steps as well.")
+
+
+def check_training_arguments(training_args):
+    for flag, value in (
+        ("--per_device_train_batch_size", training_args.per_device_train_batch_size),
+        ("--per_device_eval_batch_size", training_args.per_device_eval_batch_size),
+        ("--gradient_accumulation_steps", training_args.gradient_accumulation_steps),
+    ):
+        if value < 1:
+            raise UsageError(f"{flag} {value} must be at least 1.")
+    if training_args.do_train and training_args.max_steps <= 0 and training_args.num_train_epochs <= 0:
+        raise UsageError(f"--num_train_epochs {training_args.num_train_epochs} must be positive, or give --max_steps.")
+    for flag, value, example in (("--learning_rate", training_args.learning_rate, "5e-5, or 1e-4 for an adapter"),
+                                 ("--weight_decay", training_args.weight_decay, "0.01")):
+        if value < 0:
+            raise UsageError(f"{flag} {value} must not be negative; try e.g. {example}.")
+    if training_args.fp16 and training_args.device.type == "cpu":  # accelerate then quietly computes in fp32
+        raise UsageError(
+            "--fp16 needs a GPU: on a CPU mixed precision is bf16; drop --fp16, or use --bf16 --use_cpu on a CPU "
+            "with native bf16 (avx512_bf16 or amx_bf16 in /proc/cpuinfo)."
+        )
+    if training_args.do_train:
+        check_optimizer_settings(training_args)
+    if training_args.resume_from_checkpoint and not is_complete_checkpoint(training_args.resume_from_checkpoint):
+        raise UsageError(
+            f"--resume_from_checkpoint {training_args.resume_from_checkpoint} is not a complete checkpoint; give a "
+            "checkpoint folder with a trainer_state.json, such as <output_dir>/checkpoint-500."
+        )
+
+
+def check_optimizer_settings(training_args):
+    """Build the chosen optimizer on one weight, so that a setting it rejects (betas, epsilon, a missing package)
+    is reported now rather than as a traceback once the model is loaded and the data preprocessed."""
+    try:
+        optimizer_class, optimizer_kwargs = Trainer.get_optimizer_cls_and_kwargs(training_args)
+        optimizer_class([torch.nn.Parameter(torch.zeros(1))], **optimizer_kwargs)
+    except (ValueError, ImportError) as error:
+        raise UsageError(
+            f"--optim {training_args.optim.value} rejects these settings ({first_line(error)}); check "
+            "--learning_rate, --adam_beta1, --adam_beta2, --adam_epsilon and --optim_args."
+        ) from None
+
+
+def check_best_model_arguments(training_args):
+    """Combinations that transformers accepts, but that fail once training has begun, or that keep a model other
+    than the best without a word."""
+    metric = training_args.metric_for_best_model
+    if metric is not None and metric.removeprefix("eval_") not in ("loss", "accuracy"):
+        raise UsageError(
+            f"--metric_for_best_model {metric} is not a metric of the evaluation; use eval_loss (perplexity follows "
+            "it) or eval_accuracy."
+        )
+    if training_args.save_strategy == "best" and metric is None:
+        raise UsageError("--save_strategy best needs --metric_for_best_model: eval_loss or eval_accuracy.")
+    if not training_args.load_best_model_at_end:
+        return
+    if training_args.save_strategy == "best":
+        raise UsageError(
+            f"--load_best_model_at_end with --save_strategy best keeps the last model in transformers "
+            f"{transformers.__version__}, which never records the best checkpoint; pass --save_strategy "
+            f"{training_args.eval_strategy.value} like --eval_strategy."
+        )
+    if training_args.eval_strategy == "no":
+        raise UsageError(
+            "--load_best_model_at_end needs evaluations to choose from: pass --eval_strategy steps (with "
+            "--eval_steps N) or epoch, and the same --save_strategy."
+        )
+    if training_args.eval_strategy != "steps":
+        return
+    if 1 <= training_args.max_steps < training_args.eval_steps:
+        raise UsageError(
+            f"--eval_steps {training_args.eval_steps:g} is more than --max_steps {training_args.max_steps}, so no "
+            "evaluation would choose the best model; pass a smaller --eval_steps."
+        )
+    if training_args.save_steps != training_args.eval_steps:
+        # transformers takes saves at a multiple of the evaluations (it refuses others itself), but reloads only a
+        # best evaluation that was saved.
+        logger.warning(
+            f"--load_best_model_at_end chooses among the checkpoints only: with --save_steps "
+            f"{training_args.save_steps:g} and --eval_steps {training_args.eval_steps:g}, a best evaluation between "
+            f"two saves is passed over; pass --save_steps {training_args.eval_steps:g} to keep every evaluation's "
+            "model."
+        )
+
+
+def check_evaluation_arguments(evaluation_args, training_args):
+    patience = evaluation_args.early_stopping_patience
+    if patience is not None:
+        if patience < 1:
+            raise UsageError(f"--early_stopping_patience {patience} must be at least 1 evaluation.")
+        missing = [flag for flag, given in (
+            ("--load_best_model_at_end", training_args.load_best_model_at_end),
+            ("--eval_strategy steps or epoch (and the same --save_strategy)", training_args.eval_strategy != "no"),
+        ) if not given]
+        if missing:
+            raise UsageError(
+                f"--early_stopping_patience stops on evaluations and keeps the best checkpoint: add "
+                f"{' and '.join(missing)}."
+            )
+    if evaluation_args.early_stopping_threshold < 0:
+        raise UsageError(
+            f"--early_stopping_threshold {evaluation_args.early_stopping_threshold} must be 0 or more."
+        )
+    if evaluation_args.num_samples < 0:
+        raise UsageError(f"--num_samples {evaluation_args.num_samples} must be 0 (no samples) or more.")
+    if evaluation_args.sample_prompts is not None and not read_prompts(evaluation_args.sample_prompts):
+        raise UsageError(
+            f"--sample_prompts {evaluation_args.sample_prompts} holds no prompt; give a text file with one per line."
+        )
+
+
+def check_adapter_arguments(adapter_args, training_args):
+    if adapter_args.load_adapter and training_args.do_train and not adapter_args.train_adapter:
+        raise UsageError(
+            f"--load_adapter {adapter_args.load_adapter} with --do_train trains the adapter further: add "
+            "--train_adapter, or drop --do_train to evaluate the adapter as it is."
+        )
+    if adapter_args.load_lang_adapter and not uses_adapter(adapter_args):
+        raise UsageError(
+            "--load_lang_adapter stacks a language adapter under the adapter that --train_adapter trains or "
+            "--load_adapter loads: add one of them, or give the language adapter as --load_adapter to evaluate it "
+            "alone."
+        )
+    if adapter_args.adapter_interface:
+        if not uses_adapter(adapter_args):
+            raise UsageError(
+                "--adapter_interface names the model's layers for an adapter: add --train_adapter, or --load_adapter "
+                "DIR to evaluate a saved one."
+            )
+        read_adapter_interface(adapter_args.adapter_interface)
+    for flag, location in (("--load_adapter", adapter_args.load_adapter),
+                           ("--load_lang_adapter", adapter_args.load_lang_adapter)):
+        # A hub adapter is "name" or "org/name"; anything else that is missing must be a mistyped local path.
+        if location and not os.path.exists(location) and (location.startswith((".", "/", "~"))
+                                                           or location.count("/") > 1):
+            raise UsageError(f"{flag} {location} does not exist; give the folder of a saved adapter.")
+    if adapter_args.train_adapter:
+        check_adapter_config(adapter_args.adapter_config)
+
+
+def check_hub_is_reachable(model_args, data_args, adapter_args):
+    """Without network, a hub name fails now in one line, not after half a minute of retries and a screen of logs."""
+    if huggingface_hub.constants.HF_HUB_OFFLINE:
+        return  # the libraries then go straight to the local cache
+    hub_names = [(flag, name) for flag, name in (
+        ("--model_name_or_path", model_args.model_name_or_path), ("--config_name", model_args.config_name),
+        ("--tokenizer_name", model_args.tokenizer_name), ("--dataset_name", data_args.dataset_name),
+        ("--load_adapter", adapter_args.load_adapter), ("--load_lang_adapter", adapter_args.load_lang_adapter),
+    ) if name and not os.path.exists(name)]
+    if not hub_names:
+        return
+    endpoint = huggingface_hub.constants.ENDPOINT
+    try:
+        huggingface_hub.get_session().head(endpoint, timeout=HUB_PROBE_SECONDS)
+    except OSError as error:  # requests' errors: no connection, or no answer within HUB_PROBE_SECONDS
+        flag, name = hub_names[0]
+        raise UsageError(
+            f"{flag} {name} is not a local folder, and the Hugging Face Hub ({endpoint}) cannot be reached "
+            f"({type(error).__name__}); give a local folder, or set HF_HUB_OFFLINE=1 to use a copy already in the "
+            "local cache."
+        ) from None
+
+
+HUB_PROBE_SECONDS = 5  # how long a run waits to learn whether the Hugging Face Hub can be reached
+
+
+def check_quantization_arguments(model_args, adapter_args):
+    if not quantizes(model_args):
+        return
+    flag = quantization_flag(model_args)
+    if model_args.load_in_4bit and model_args.load_in_8bit:
+        raise UsageError("--load_in_4bit and --load_in_8bit exclude each other; pass one of them.")
+    if not model_args.model_name_or_path:
+        raise UsageError(f"{flag} quantizes a pretrained model's weights: pass --model_name_or_path, not --model_type.")
+    if not uses_adapter(adapter_args):
+        raise UsageError(
+            f"{flag} needs --train_adapter, or --load_adapter DIR to evaluate a saved adapter: the quantized weights "
+            "stay frozen, only an adapter can train."
+        )
+    if model_args.torch_dtype not in (None, "float32"):
+        raise UsageError(
+            f"--torch_dtype {model_args.torch_dtype} cannot be combined with {flag}: the layers left unquantized run "
+            "in float32 like the adapter, which adapters cannot mix with 16-bit layers; leave --torch_dtype out."
+        )
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise UsageError(f"{flag} needs the bitsandbytes package: pip install -r requirements-quantization.txt")
+
+
+def check_merge_arguments(training_args, adapter_args):
+    if not adapter_args.merge_adapter:
+        return
+    if not (adapter_args.train_adapter and training_args.do_train) and not adapter_args.load_adapter:
+        raise UsageError(
+            "--merge_adapter has no adapter to merge: train one (--do_train --train_adapter) or load one "
+            "(--load_adapter DIR)."
+        )
+    if adapter_args.load_lang_adapter:
+        raise UsageError(
+            "--merge_adapter cannot fold an adapter stacked on a language adapter (--load_lang_adapter) into one "
+            "model; drop one of the two flags."
+        )
+
+
+def check_gradient_checkpointing_arguments(training_args, adapter_args):
+    reentrant = (training_args.gradient_checkpointing_kwargs or {}).get("use_reentrant")
+    if training_args.gradient_checkpointing and adapter_args.train_adapter and reentrant:
+        raise UsageError(
+            "--gradient_checkpointing_kwargs with use_reentrant true does not work with --train_adapter: adapters "
+            "carries its forward context into the recomputation only without it; leave use_reentrant out."
+        )
+
+
+def check_data_file(flag, path):
+    """Catch missing, empty and non-UTF-8 files now, not as a traceback from deep inside `datasets`."""
+    extension = file_extension(path)
+    if extension not in FILE_BUILDERS:
+        raise UsageError(
+            f"{flag} {path} has an unsupported extension; use one of: {', '.join('.' + e for e in FILE_BUILDERS)}."
+        )
+    if not os.path.isfile(path):
+        raise UsageError(f"{flag} {path} does not exist; check the path.")
+    if os.path.getsize(path) == 0:
+        raise UsageError(f"{flag} {path} is empty; give a file with text in it.")
+    if extension == "parquet":
+        return
+    with open(path, "rb") as file:
+        start = file.read(1 << 20)
+    try:
+        codecs.getincrementaldecoder("utf-8")().decode(start, final=False)
+    except UnicodeDecodeError as error:
+        raise UsageError(
+            f"{flag} {path} is not UTF-8 text (byte {start[error.start]:#04x} at offset {error.start}); "
+            "convert it, e.g. with `iconv -t utf-8`."
+        ) from None

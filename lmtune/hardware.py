@@ -1,0 +1,62 @@
+"""The machine: what its CPU computes natively, whether it has an accelerator, and what a launcher set up for the
+run."""
+
+import logging
+import os
+from pathlib import Path
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+
+# Where Linux lists the CPU's features, and those that compute bf16 matrix products natively (without them, CPU
+# autocast emulates bf16, far slower than fp32).
+CPUINFO = Path("/proc/cpuinfo")
+
+
+NATIVE_BF16_FLAGS = ("amx_bf16", "avx512_bf16")
+
+
+def native_bf16_flags():
+    """The CPU's native bf16 features named in /proc/cpuinfo: empty where it has none; None where there is no such
+    file to tell (not Linux)."""
+    try:
+        flags = set(CPUINFO.read_text().split())
+    except OSError:
+        return None
+    return tuple(flag for flag in NATIVE_BF16_FLAGS if flag in flags)
+
+
+def warn_if_bf16_is_emulated(training_args):
+    if training_args.bf16 and training_args.device.type == "cpu" and native_bf16_flags() == ():
+        logger.warning(
+            "--bf16 on a CPU without native bf16 (neither avx512_bf16 nor amx_bf16 in /proc/cpuinfo) is emulated: "
+            "training is far slower than in fp32 (0.03x measured by benchmarks/run_benchmark.py); drop --bf16."
+        )
+
+
+def bf16_tip(training_args):
+    """A line for the summary of an fp32 training run on a CPU with native bf16, where --bf16 is faster."""
+    flags = native_bf16_flags()
+    in_fp32_on_cpu = training_args.device.type == "cpu" and not (training_args.bf16 or training_args.fp16)
+    if training_args.do_train and in_fp32_on_cpu and flags:
+        return f"tip: this CPU has native bf16 ({', '.join(flags)}): --use_cpu --bf16 trains faster than fp32 on it"
+    return None
+
+
+def unpin_memory_without_accelerator(training_args):
+    # Pinned memory only speeds up copies to an accelerator; without one, torch ignores it with a warning.
+    if training_args.dataloader_pin_memory and not torch.accelerator.is_available():
+        training_args.dataloader_pin_memory = False
+
+
+def use_cpu_process_group_under_launcher():
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.accelerator.is_available():
+        # torchrun on CPUs: accelerate forms a (gloo) process group over CPUs only when told to; otherwise every
+        # process would train alone on all the data and write the same outputs.
+        os.environ.setdefault("ACCELERATE_USE_CPU", "true")
+
+
+# The mixed precision that `accelerate launch` asked for, if any.
+LAUNCHER_PRECISION = os.environ.get("ACCELERATE_MIXED_PRECISION")

@@ -1,0 +1,161 @@
+"""The output folder: held by one run at a time, checked for other work, searched for the checkpoint to resume
+from; a machine that cannot write there ends the run in one line."""
+
+import errno
+import json
+import logging
+import os
+import shutil
+from contextlib import contextmanager
+from pathlib import Path
+
+import filelock
+from adapters import AdapterConfig
+from safetensors import SafetensorError
+
+from lmtune.errors import UsageError
+
+logger = logging.getLogger(__name__)
+
+
+# Held by the run writing into --output_dir, and removed when it ends.
+LOCK_FILE = ".run.lock"
+
+
+# What a checkpoint of a fully fine-tuned model holds its weights in, whole or sharded.
+MODEL_WEIGHT_FILES = ["model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                      "pytorch_model.bin.index.json"]
+
+
+def is_complete_checkpoint(folder):
+    # The Trainer writes trainer_state.json last, so a checkpoint cut short by a crash has none or a broken one.
+    try:
+        json.loads((Path(folder) / "trainer_state.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return True
+
+
+def last_complete_checkpoint(output_dir):
+    steps = {int(path.name.split("-")[1]): path for path in Path(output_dir).glob("checkpoint-*")
+             if path.name.split("-")[1].isdigit()}
+    for step in sorted(steps, reverse=True):
+        if is_complete_checkpoint(steps[step]):
+            return str(steps[step])
+        logger.warning(f"Ignoring {steps[step]}: the run stopped before it was completely written.")
+    return None
+
+
+@contextmanager
+def claimed_output_dir(training_args):
+    """Hold --output_dir for the run: create it, and lock it so that a second run into it is refused while this one
+    lives (a killed run's lock goes with its process). A full disk or a folder that cannot be written, met at any
+    point of the run, ends in one line naming the folder; the checkpoints already written stay usable."""
+    output_dir = Path(training_args.output_dir)
+    if not training_args.should_save:  # only the main process writes, so only it holds the folder
+        yield
+        return
+    created = not output_dir.exists()
+    lock = lock_output_dir(output_dir)
+    try:
+        yield
+    except (OSError, RuntimeError, SafetensorError) as error:
+        reason = why_write_failed(error, output_dir)
+        if reason is None:
+            raise
+        raise UsageError(
+            f"Could not write to --output_dir {output_dir} ({reason}); make room or fix the permissions, then run "
+            "the same command again: it resumes from the last complete checkpoint."
+        ) from None
+    finally:
+        Path(lock.lock_file).unlink(missing_ok=True)
+        lock.release()
+        if created and not any(output_dir.iterdir()):
+            output_dir.rmdir()  # a run that failed before writing anything leaves no empty folder behind
+
+
+def lock_output_dir(output_dir):
+    """The lock of output_dir, held, with this process's id in its file for the message of a run refused."""
+    lock_path = output_dir / LOCK_FILE
+    lock = filelock.FileLock(lock_path, timeout=0)
+    try:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        lock.acquire()
+        lock_path.write_text(str(os.getpid()))
+    except filelock.Timeout:
+        holder = lock_path.read_text().strip() or "unknown"
+        raise UsageError(
+            f"--output_dir {output_dir} is in use by another run (process {holder}); wait for it to end, or choose "
+            "another folder."
+        ) from None
+    except OSError as error:
+        lock.release()
+        raise UsageError(
+            f"--output_dir {output_dir} cannot be written ({error.strerror}); give a folder you can write to."
+        ) from None
+    return lock
+
+
+def why_write_failed(error, folder):
+    """Why writing into folder failed, when the machine is the cause (full, read-only, not permitted); else None."""
+    if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES):
+        return error.strerror
+    # torch.save and safetensors report a full disk as RuntimeError / SafetensorError, without an errno.
+    if not isinstance(error, OSError) and shutil.disk_usage(folder).free < 1 << 20:
+        return os.strerror(errno.ENOSPC)
+    return None
+
+
+def detect_last_checkpoint(training_args):
+    """Find the checkpoint to resume from, and refuse to write into a folder that holds other work."""
+    output_dir = Path(training_args.output_dir)
+    if not output_dir.is_dir() or training_args.overwrite_output_dir:
+        return None
+    last_checkpoint = last_complete_checkpoint(output_dir)
+    if last_checkpoint is None and any(path.name != LOCK_FILE for path in output_dir.iterdir()):
+        raise UsageError(
+            f"--output_dir {output_dir} already exists, is not empty and holds no checkpoint to resume from; "
+            "choose another folder, or pass --overwrite_output_dir to write into it anyway."
+        )
+    if not training_args.do_train:
+        return None
+    if last_checkpoint is not None and training_args.resume_from_checkpoint is None:
+        logger.info(
+            f"Resuming training from {last_checkpoint}; pass --overwrite_output_dir to start from scratch instead."
+        )
+    return last_checkpoint
+
+
+def check_resume_checkpoint(last_checkpoint, training_args, adapter_args):
+    """A checkpoint of another kind of run (full fine-tuning, another adapter or adapter settings) would fail deep
+    inside the optimizer once everything is loaded: refuse it now, naming how it differs."""
+    checkpoint = training_args.resume_from_checkpoint or last_checkpoint
+    if not (training_args.do_train and checkpoint):
+        return
+    folder = Path(checkpoint)
+    holds_model = any((folder / name).is_file() for name in MODEL_WEIGHT_FILES)
+    adapter_config_file = folder / adapter_args.adapter_name / "adapter_config.json"
+    if not adapter_args.train_adapter:
+        found = None if holds_model else "an adapter, not a fully fine-tuned model"
+    elif not adapter_config_file.is_file():
+        found = "a fully fine-tuned model" if holds_model else f"no adapter named '{adapter_args.adapter_name}'"
+    else:
+        saved = AdapterConfig.load(json.loads(adapter_config_file.read_text())["config"])
+        wanted = AdapterConfig.load(adapter_args.adapter_config)
+        # With --load_adapter the trained adapter's settings are the loaded one's, not --adapter_config.
+        same = adapter_args.load_adapter or saved.to_dict() == wanted.to_dict()
+        found = None if same else "an adapter of another configuration"
+    if found is None:
+        return
+    trains = f"the adapter '{adapter_args.adapter_name}' ({adapter_args.adapter_config})" if (
+        adapter_args.train_adapter) else "the whole model"
+    if training_args.resume_from_checkpoint:
+        raise UsageError(
+            f"--resume_from_checkpoint {checkpoint} holds {found}, but this run trains {trains}; give a checkpoint "
+            "of the same kind of run, or start afresh without --resume_from_checkpoint."
+        )
+    raise UsageError(
+        f"--output_dir {training_args.output_dir} holds {folder.name} with {found}, but this run trains {trains}; "
+        "rerun the command that wrote it to resume, or choose another folder (or pass --overwrite_output_dir) to "
+        "start afresh."
+    )

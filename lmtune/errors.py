@@ -1,6 +1,9 @@
 """Mistakes of the command line or its inputs: one plain line naming the flag and the fix, never a traceback."""
 
+import errno
 import logging
+import os
+import re
 import sys
 from contextlib import contextmanager
 
@@ -11,6 +14,8 @@ from lmtune.hardware import use_cpu_process_group_under_launcher
 
 logger = logging.getLogger(__name__)
 
+# What the OS says when the machine refuses a write: a full disk or quota, a read-only file system, no permission.
+WRITE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES)
 # The fixes that messages of failed loads end in.
 FIX_MODEL_FOLDER = "give a complete folder written by save_pretrained, or a hub name while online"
 
@@ -41,13 +46,41 @@ def shorten(text, limit=200):
 
 @contextmanager
 def reported_as_usage_error(flag, name, fix="give a local folder, or a hub name while online"):
-    """Turn a failed load of a hub name or local path into one line naming the flag."""
+    """Turn a failed load of a hub name or local path into one line naming the flag, or, where the machine could
+    not write (a full or read-only cache), naming what could not be written."""
     try:
         yield
-    except (OSError, ValueError, TypeError, ConnectionError, DatasetGenerationError, SafetensorError) as error:
+    except (OSError, ValueError, TypeError, ConnectionError, ImportError, DatasetGenerationError,
+            SafetensorError) as error:
+        failure = write_failure(error)
+        if failure is not None and failure[1] != name:  # a file it could not read is the flag's own problem
+            reason, path = failure
+            raise UsageError(
+                f"Could not write {path or 'to the cache'} while loading {flag} {name} ({reason}); make room or fix "
+                "the permissions, or give another cache folder with --cache_dir or HF_HOME."
+            ) from None
         # datasets wraps the reader's own error, which says what is wrong with the file.
         reason = first_line(error.__cause__ if isinstance(error, DatasetGenerationError) and error.__cause__ else error)
+        if isinstance(error, ImportError):  # e.g. a slow tokenizer's conversion, which needs protobuf or sentencepiece
+            raise UsageError(
+                f"{flag} {name} needs a package that is not installed ({shorten(reason)}); install it with pip, then "
+                "run the same command again."
+            ) from None
         raise UsageError(f"{flag} {name} could not be loaded ({shorten(reason)}); {fix}.") from None
+
+
+def write_failure(error):
+    """(reason, path or None) where error, or an error it was raised from, is the machine refusing a write: a full
+    disk or quota, a read-only file system, no permission; else None. The Rust libraries (tokenizers, safetensors)
+    raise a plain Exception for it, which names the OS error only in its text."""
+    while error is not None:
+        if isinstance(error, OSError) and error.errno in WRITE_ERRNOS:
+            return error.strerror, error.filename
+        code = re.search(r"\(os error (\d+)\)", str(error))
+        if code and int(code.group(1)) in WRITE_ERRNOS:
+            return os.strerror(int(code.group(1))), None
+        error = error.__cause__ or error.__context__
+    return None
 
 
 def run_from_command_line(main, argv, script_name):

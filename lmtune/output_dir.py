@@ -11,15 +11,15 @@ from pathlib import Path
 
 import filelock
 from adapters import AdapterConfig
-from safetensors import SafetensorError
 
-from lmtune.errors import UsageError
+from lmtune.errors import UsageError, write_failure
 
 logger = logging.getLogger(__name__)
 
 
-# Held by the run writing into --output_dir, and removed when it ends.
-LOCK_FILE = ".run.lock"
+# Held by the run writing into --output_dir, and removed when it ends. The Trainer's pushes of the output folder to
+# the hub leave out names that begin with "_".
+LOCK_FILE = "_run.lock"
 
 
 # What a checkpoint of a fully fine-tuned model holds its weights in, whole or sharded.
@@ -59,10 +59,17 @@ def claimed_output_dir(training_args):
     lock = lock_output_dir(output_dir)
     try:
         yield
-    except (OSError, RuntimeError, SafetensorError) as error:
-        reason = why_write_failed(error, output_dir)
+    except UsageError:
+        raise
+    except Exception as error:  # the Rust libraries report a full disk as a plain Exception
+        reason, path = why_write_failed(error, output_dir)
         if reason is None:
             raise
+        if path is not None and not Path(path).resolve().is_relative_to(output_dir.resolve()):
+            raise UsageError(
+                f"Could not write {path} ({reason}); make room or fix the permissions there, then run the same "
+                "command again."
+            ) from None
         raise UsageError(
             f"Could not write to --output_dir {output_dir} ({reason}); make room or fix the permissions, then run "
             "the same command again: it resumes from the last complete checkpoint."
@@ -97,13 +104,15 @@ def lock_output_dir(output_dir):
 
 
 def why_write_failed(error, folder):
-    """Why writing into folder failed, when the machine is the cause (full, read-only, not permitted); else None."""
-    if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES):
-        return error.strerror
+    """(reason, path or None) when the machine is why writing failed (full, read-only, not permitted); else
+    (None, None)."""
+    failure = write_failure(error)
+    if failure is not None:
+        return failure
     # torch.save and safetensors report a full disk as RuntimeError / SafetensorError, without an errno.
     if not isinstance(error, OSError) and shutil.disk_usage(folder).free < 1 << 20:
-        return os.strerror(errno.ENOSPC)
-    return None
+        return os.strerror(errno.ENOSPC), None
+    return None, None
 
 
 def detect_last_checkpoint(training_args):

@@ -1,8 +1,11 @@
 """The best checkpoint's adapter is the one kept, early stopping stops, --push_to_hub publishes an adapter that
 loads by folder, and samples show what the base model and the adapted model write."""
 
+import concurrent.futures
+import fnmatch
 import json
 import shutil
+from pathlib import Path
 
 import huggingface_hub
 import pytest
@@ -13,6 +16,7 @@ from transformers import AutoTokenizer
 
 import run_clm
 import run_mlm
+from lmtune.output_dir import LOCK_FILE
 
 
 @pytest.fixture(scope="module")
@@ -23,17 +27,28 @@ def fake_hub(tmp_path_factory):
     def create_repo(repo_id, **kwargs):
         return huggingface_hub.RepoUrl(f"https://huggingface.co/{repo_id}")
 
-    def upload_folder(self, *, repo_id, folder_path, path_in_repo=None, delete_patterns=(), **kwargs):
+    def upload_folder(self, *, repo_id, folder_path, path_in_repo=None, delete_patterns=(), ignore_patterns=(),
+                      **kwargs):
         repo = root / repo_id
         repo.mkdir(parents=True, exist_ok=True)
         for pattern in delete_patterns:
             for path in repo.glob(pattern):
                 path.unlink()
-        shutil.copytree(folder_path, repo / (path_in_repo or ""), dirs_exist_ok=True)
+        for path in Path(folder_path).rglob("*"):  # as the hub client filters: each pattern on the relative path
+            relative = path.relative_to(folder_path).as_posix()
+            if path.is_file() and not any(fnmatch.fnmatch(relative, pattern) for pattern in ignore_patterns):
+                target = repo / (path_in_repo or "") / relative
+                target.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(path, target)
+        done = concurrent.futures.Future()  # what run_as_future gives the Trainer to wait on
+        done.set_result(None)
+        return done
 
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(transformers.trainer, "create_repo", create_repo)  # the Trainer makes the repository at init
         patch.setattr(huggingface_hub.HfApi, "upload_folder", upload_folder)
+        # The Trainer's pushes of checkpoints call the client's module-level function.
+        patch.setattr(transformers.trainer, "upload_folder", lambda **kwargs: upload_folder(None, **kwargs))
         yield root
 
 
@@ -201,3 +216,14 @@ def test_best_model_settings_that_transformers_accepts_run(case, assets, tmp_pat
     assert state["best_model_checkpoint"] is not None  # a best checkpoint was recorded and reloaded
     passed_over = "a best evaluation between two saves is passed over" in caplog.text
     assert passed_over == (case == "saves at every second evaluation")
+
+
+def test_the_trainers_pushes_of_checkpoints_leave_the_runs_lock_behind(assets, fake_hub, tmp_path):
+    run_clm.main(tiny_run_arguments(
+        run_clm, assets, tmp_path / "out", "--do_train", "--train_adapter", "--max_steps", "2", "--save_strategy",
+        "steps", "--save_steps", "1", "--push_to_hub", "--hub_model_id", "user/every-save", "--hub_strategy",
+        "every_save",
+    ))
+    pushed = {path.name for path in (fake_hub / "user/every-save").rglob("*")}
+    assert "training_args.bin" in pushed  # the output folder went up while the run held it
+    assert LOCK_FILE not in pushed

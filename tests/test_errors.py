@@ -1,16 +1,20 @@
 """Bad input costs seconds: one line naming the flag and the fix, exit status 2, no traceback, nothing touched."""
 
+import errno
 import json
 import os
 import shutil
+import subprocess
 from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import run_script, tiny_run_arguments
+from conftest import run_script, small_file_system, tiny_run_arguments
+from transformers import PreTrainedTokenizerBase
 
 import run_clm
 import run_mlm
+from lmtune import modeling
 from lmtune.output_dir import LOCK_FILE, last_complete_checkpoint
 
 
@@ -317,3 +321,42 @@ def test_a_run_in_half_precision_leaves_no_precision_to_the_next_run_in_the_proc
     assert run_clm.parse_arguments(["--output_dir", "x", "--use_cpu", "--bf16"])[2].bf16
     run_clm.parse_arguments(["--output_dir", "x", "--use_cpu"])
     assert os.environ.get("ACCELERATE_MIXED_PRECISION", "no") == "no"
+
+
+def test_a_tokenizer_that_needs_a_missing_package_is_refused_in_one_line(assets, tmp_path, capsys, monkeypatch):
+    def from_pretrained(name, **kwargs):  # what transformers raises for a slow tokenizer's conversion
+        raise ImportError("LlamaConverter requires the protobuf library but it was not found in your environment.")
+
+    monkeypatch.setattr(modeling, "AutoTokenizer", SimpleNamespace(from_pretrained=from_pretrained))
+    assert run_clm.cli(tiny_run_arguments(run_clm, assets, tmp_path / "out", "--do_train")) == 2
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert line.startswith(f"run_clm.py: error: --model_name_or_path {assets.tiny_gpt2} needs a package that is not "
+                           "installed (LlamaConverter requires the protobuf library")
+
+
+@pytest.mark.parametrize("error", [
+    Exception("No space left on device (os error 28)"),  # the tokenizers library's own, for a full disk
+    OSError(errno.ENOSPC, "No space left on device"),
+])
+def test_a_full_disk_met_by_any_library_ends_in_one_line_naming_the_output_dir(assets, tmp_path, capsys, monkeypatch,
+                                                                                 error):
+    def save_pretrained(self, *args, **kwargs):
+        raise error
+
+    monkeypatch.setattr(PreTrainedTokenizerBase, "save_pretrained", save_pretrained)
+    output_dir = tmp_path / "out"
+    assert run_clm.cli(tiny_run_arguments(run_clm, assets, output_dir, "--do_train", "--train_adapter",
+                                          "--max_steps", "1")) == 2
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert line.startswith(f"run_clm.py: error: Could not write to --output_dir {output_dir} (No space left on device)")
+
+
+def test_a_cache_that_cannot_be_written_is_named_instead_of_the_data_file(assets, tmp_path, capsys):
+    with small_file_system(tmp_path / "disk", "1m"):
+        subprocess.run(["mount", "-o", "remount,ro", str(tmp_path / "disk")], check=True)
+        argv = tiny_run_arguments(run_clm, assets, tmp_path / "out", "--do_train", "--cache_dir",
+                                  tmp_path / "disk" / "cache")
+        assert run_clm.cli(argv) == 2
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert line.startswith("run_clm.py: error: Could not write ") and "(Read-only file system)" in line
+    assert "while loading --train_file" in line and "fix the file" not in line

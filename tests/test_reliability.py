@@ -6,11 +6,10 @@ import signal
 import subprocess
 import sys
 import time
-from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
-from conftest import read_json, tiny_run_arguments
+from conftest import read_json, small_file_system, tiny_run_arguments
 
 import run_clm
 import run_mlm
@@ -54,19 +53,6 @@ def test_a_run_killed_with_sigkill_resumes_to_the_uninterrupted_result(script, a
     assert resumed_results["eval_loss"] == pytest.approx(uninterrupted["eval_loss"], abs=1e-4)
     # The Trainer alone would divide the second session's losses by all 40 steps.
     assert resumed_results["train_loss"] == pytest.approx(uninterrupted["train_loss"], abs=1e-4)
-
-
-@contextmanager
-def small_file_system(folder, size):
-    """A tmpfs of the given size at folder, to fill up for real; skips where mounting is not allowed."""
-    folder.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)],
-                      capture_output=True).returncode != 0:
-        pytest.skip("mounting a small tmpfs needs root")
-    try:
-        yield lambda new_size: subprocess.run(["mount", "-o", f"remount,size={new_size}", str(folder)], check=True)
-    finally:
-        subprocess.run(["umount", str(folder)], check=True)
 
 
 def test_a_disk_that_fills_up_ends_in_one_line_and_the_rerun_resumes_exactly(assets, tmp_path, capsys):

@@ -6,15 +6,18 @@ import codecs
 import importlib.util
 import logging
 import os
+from pathlib import Path
 
+import datasets
 import huggingface_hub
 import torch
 import transformers
+from huggingface_hub.file_download import repo_folder_name
 from transformers import CONFIG_MAPPING, Trainer
 
 from lmtune.adapter_setup import check_adapter_config, read_adapter_interface
 from lmtune.arguments import quantization_flag, quantizes, uses_adapter
-from lmtune.data import FILE_BUILDERS, file_extension, read_prompts
+from lmtune.data import FILE_BUILDERS, file_extension, matching_files, read_prompts
 from lmtune.errors import UsageError, first_line
 from lmtune.hardware import warn_if_bf16_is_emulated
 from lmtune.output_dir import is_complete_checkpoint
@@ -33,7 +36,7 @@ def check_arguments(model_args, data_args, training_args, adapter_args, evaluati
     check_quantization_arguments(model_args, adapter_args)
     check_merge_arguments(training_args, adapter_args)
     check_gradient_checkpointing_arguments(training_args, adapter_args)
-    check_hub_is_reachable(model_args, data_args, adapter_args)
+    check_hub_is_reachable(model_args, data_args, adapter_args, training_args)
     warn_if_bf16_is_emulated(training_args)
 
 
@@ -221,27 +224,52 @@ def check_adapter_arguments(adapter_args, training_args):
         check_adapter_config(adapter_args.adapter_config)
 
 
-def check_hub_is_reachable(model_args, data_args, adapter_args):
-    """Without network, a hub name fails now in one line, not after half a minute of retries and a screen of logs."""
+def check_hub_is_reachable(model_args, data_args, adapter_args, training_args):
+    """Without network, a hub name that is not in the local cache, or --push_to_hub, fails now in one line, not
+    after half a minute of retries and a screen of logs. What the cache holds is used from there, as the libraries
+    do by themselves once the hub cannot be reached."""
     if huggingface_hub.constants.HF_HUB_OFFLINE:
         return  # the libraries then go straight to the local cache
-    hub_names = [(flag, name) for flag, name in (
-        ("--model_name_or_path", model_args.model_name_or_path), ("--config_name", model_args.config_name),
-        ("--tokenizer_name", model_args.tokenizer_name), ("--dataset_name", data_args.dataset_name),
-        ("--load_adapter", adapter_args.load_adapter), ("--load_lang_adapter", adapter_args.load_lang_adapter),
+    hub_names = [(flag, name, repo_type) for flag, name, repo_type in (
+        ("--model_name_or_path", model_args.model_name_or_path, "model"),
+        ("--config_name", model_args.config_name, "model"),
+        ("--tokenizer_name", model_args.tokenizer_name, "model"),
+        ("--dataset_name", data_args.dataset_name, "dataset"),
+        ("--load_adapter", adapter_args.load_adapter, "model"),
+        ("--load_lang_adapter", adapter_args.load_lang_adapter, "model"),
     ) if name and not os.path.exists(name)]
-    if not hub_names:
+    if not (hub_names or training_args.push_to_hub):
         return
     endpoint = huggingface_hub.constants.ENDPOINT
     try:
         huggingface_hub.get_session().head(endpoint, timeout=HUB_PROBE_SECONDS)
     except OSError as error:  # requests' errors: no connection, or no answer within HUB_PROBE_SECONDS
-        flag, name = hub_names[0]
-        raise UsageError(
-            f"{flag} {name} is not a local folder, and the Hugging Face Hub ({endpoint}) cannot be reached "
-            f"({type(error).__name__}); give a local folder, or set HF_HUB_OFFLINE=1 to use a copy already in the "
-            "local cache."
-        ) from None
+        unreachable = f"the Hugging Face Hub ({endpoint}) cannot be reached ({type(error).__name__})"
+        if training_args.push_to_hub:
+            raise UsageError(
+                f"--push_to_hub uploads to the Hugging Face Hub, and {unreachable}; run again with network, or drop "
+                "--push_to_hub (the output folder holds everything it would upload)."
+            ) from None
+        uncached = [(flag, name) for flag, name, repo_type in hub_names
+                    if not in_hub_cache(name, repo_type, model_args.cache_dir)]
+        if uncached:
+            flag, name = uncached[0]
+            raise UsageError(
+                f"{flag} {name} is not a local folder, and {unreachable}; give a local folder, or run once with "
+                "network to put it into the local cache."
+            ) from None
+        logger.warning(f"{unreachable[0].upper()}{unreachable[1:]}: using the local cache's copies of "
+                       f"{', '.join(name for _, name, _ in hub_names)}.")
+
+
+def in_hub_cache(name, repo_type, cache_dir):
+    """Whether a download of the hub repository name is in the local cache (cache_dir, or the hub's own): what the
+    libraries fall back to without network."""
+    folders = [Path(cache_dir or huggingface_hub.constants.HF_HUB_CACHE) / repo_folder_name(repo_id=name,
+                                                                                      repo_type=repo_type)]
+    if repo_type == "dataset":  # datasets also keeps what it prepared from a download in its own cache
+        folders.append(Path(cache_dir or datasets.config.HF_DATASETS_CACHE) / name.replace("/", "___"))
+    return any(folder.is_dir() and any(folder.iterdir()) for folder in folders)
 
 
 HUB_PROBE_SECONDS = 5  # how long a run waits to learn whether the Hugging Face Hub can be reached
@@ -294,24 +322,30 @@ def check_gradient_checkpointing_arguments(training_args, adapter_args):
 
 
 def check_data_file(flag, path):
-    """Catch missing, empty and non-UTF-8 files now, not as a traceback from deep inside `datasets`."""
+    """Catch missing, empty and non-UTF-8 files now, not as a traceback from deep inside `datasets`. A glob pattern
+    (data/part-*.txt) is read as `datasets` reads it: every file it matches."""
     extension = file_extension(path)
     if extension not in FILE_BUILDERS:
         raise UsageError(
             f"{flag} {path} has an unsupported extension; use one of: {', '.join('.' + e for e in FILE_BUILDERS)}."
         )
-    if not os.path.isfile(path):
-        raise UsageError(f"{flag} {path} does not exist; check the path.")
-    if os.path.getsize(path) == 0:
+    files = matching_files(path)
+    if not files:
+        raise UsageError(f"{flag} {path} matches no file; check the pattern.")
+    for file_path in files:
+        if not os.path.isfile(file_path):
+            raise UsageError(f"{flag} {file_path} does not exist; check the path.")
+    if all(os.path.getsize(file_path) == 0 for file_path in files):
         raise UsageError(f"{flag} {path} is empty; give a file with text in it.")
     if extension == "parquet":
         return
-    with open(path, "rb") as file:
-        start = file.read(1 << 20)
-    try:
-        codecs.getincrementaldecoder("utf-8")().decode(start, final=False)
-    except UnicodeDecodeError as error:
-        raise UsageError(
-            f"{flag} {path} is not UTF-8 text (byte {start[error.start]:#04x} at offset {error.start}); "
-            "convert it, e.g. with `iconv -t utf-8`."
-        ) from None
+    for file_path in files:
+        with open(file_path, "rb") as file:
+            start = file.read(1 << 20)
+        try:
+            codecs.getincrementaldecoder("utf-8")().decode(start, final=False)
+        except UnicodeDecodeError as error:
+            raise UsageError(
+                f"{flag} {file_path} is not UTF-8 text (byte {start[error.start]:#04x} at offset {error.start}); "
+                "convert it, e.g. with `iconv -t utf-8`."
+            ) from None

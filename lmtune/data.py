@@ -1,6 +1,7 @@
 """The data: reading the raw texts (hub datasets, saved datasets, local files), taking their text column, holding
 out validation data, and turning texts into examples (tokenized, and grouped into blocks or one per line)."""
 
+import glob
 import logging
 import math
 import os
@@ -23,6 +24,16 @@ FILE_BUILDERS = {"txt": "text", "csv": "csv", "json": "json", "jsonl": "json", "
 
 def file_extension(path):
     return path.rsplit(".", 1)[-1].lower()
+
+
+def matching_files(path):
+    """The files that a --train_file/--validation_file names: itself, or every file a glob pattern matches."""
+    return sorted(glob.glob(path)) if any(character in path for character in "*?[") else [path]
+
+
+def same_files(path, other):
+    return {os.path.realpath(file) for file in matching_files(path)} == {
+        os.path.realpath(file) for file in matching_files(other)}
 
 
 def load_raw_datasets(model_args, data_args, training_args):
@@ -58,7 +69,7 @@ def load_data_files(data_args, hub_kwargs):
                               ("validation", "--validation_file", data_args.validation_file)):
         if path is None:
             continue
-        if split == "validation" and "train" in splits and os.path.samefile(path, data_args.train_file):
+        if split == "validation" and "train" in splits and same_files(path, data_args.train_file):
             splits[split] = splits["train"]  # read once, and then preprocessed once: one dataset under two names
             continue
         builder = FILE_BUILDERS[file_extension(path)]

@@ -4,6 +4,7 @@ import json
 import logging
 import shutil
 import sys
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -326,3 +327,18 @@ def test_bf16_advice_follows_the_cpus_native_bf16(tmp_path, monkeypatch, caplog)
     assert hardware.bf16_tip(bf16) is None
     cpuinfo.unlink()  # not Linux: nothing is claimed either way
     assert hardware.native_bf16_flags() is None and not warned(bf16) and hardware.bf16_tip(fp32) is None
+
+
+def test_a_glob_of_files_reads_every_file_it_matches_as_datasets_does(assets, tmp_path):
+    lines = Path(assets.train).read_text(encoding="utf-8").splitlines(keepends=True)[:600]
+    whole = tmp_path / "whole.txt"
+    whole.write_text("".join(lines), encoding="utf-8")
+    (tmp_path / "parts").mkdir()
+    for index, start in enumerate(range(0, len(lines), 200)):
+        (tmp_path / "parts" / f"part-{index}.txt").write_text("".join(lines[start:start + 200]), encoding="utf-8")
+
+    def train_samples(train_file, name):
+        return run_clm.main(tiny_run_arguments(run_clm, assets, tmp_path / name, "--do_train", "--max_steps", "1",
+                                               train=train_file, validation=None))["train_samples"]
+
+    assert train_samples(f"{tmp_path}/parts/part-*.txt", "glob") == train_samples(whole, "whole") > 0

@@ -26,6 +26,8 @@ def write(path, content):
 # Each case: the script, a function of (assets, folder) giving the arguments, and a fragment of the one line.
 CASES = {
     "missing train file": (run_clm, lambda a, d: ["--train_file", d / "missing.txt"], "--train_file"),
+    "glob that matches nothing": (run_clm, lambda a, d: ["--train_file", d / "parts" / "part-*.txt"],
+                                  "parts/part-*.txt matches no file; check the pattern"),
     "unsupported extension": (run_clm, lambda a, d: ["--train_file", write(d / "x.xml", "<a/>")],
                               "unsupported extension"),
     "empty file": (run_clm, lambda a, d: ["--train_file", write(d / "empty.txt", "")], "is empty"),

@@ -6,6 +6,7 @@ import importlib.metadata
 import logging
 import math
 import re
+import shutil
 import subprocess
 import sys
 import warnings
@@ -163,23 +164,42 @@ def test_bitsandbytes_does_not_tell_a_user_about_its_optional_cpu_kernel(script,
     assert not noise_in(ran.stdout + ran.stderr)
 
 
-def test_a_hub_name_without_network_fails_at_once_in_one_line(assets, tmp_path, monkeypatch):
+@pytest.fixture
+def hub_unreachable(monkeypatch):
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
     monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", "http://127.0.0.1:9")  # nothing listens there
     huggingface_hub.utils.reset_sessions()  # the cached session was made for offline mode
-    try:
-        with pytest.raises(run_clm.UsageError, match=re.escape(
-                "--model_name_or_path gpt2 is not a local folder, and the Hugging Face Hub (http://127.0.0.1:9) "
-                "cannot be reached (ConnectionError); give a local folder, or set HF_HUB_OFFLINE=1")):
-            run_clm.main(tiny_run_arguments(run_clm, assets, tmp_path, "--do_train", "--model_name_or_path", "gpt2"))
-        # Local folders alone never ask the network.
-        arguments = run_clm.parse_arguments(tiny_run_arguments(run_clm, assets, tmp_path))
-        model_args, data_args, _, adapter_args, _ = arguments
-        check_hub_is_reachable(model_args, data_args, adapter_args)
-    finally:
-        monkeypatch.undo()
-        huggingface_hub.utils.reset_sessions()
+    yield
+    monkeypatch.undo()
+    huggingface_hub.utils.reset_sessions()
+
+
+def test_a_hub_name_without_network_fails_at_once_in_one_line(assets, tmp_path, hub_unreachable):
+    with pytest.raises(run_clm.UsageError, match=re.escape(
+            "--model_name_or_path gpt2 is not a local folder, and the Hugging Face Hub (http://127.0.0.1:9) "
+            "cannot be reached (ConnectionError); give a local folder, or run once with network")):
+        run_clm.main(tiny_run_arguments(run_clm, assets, tmp_path, "--do_train", "--model_name_or_path", "gpt2"))
+    with pytest.raises(run_clm.UsageError, match=re.escape("--push_to_hub uploads to the Hugging Face Hub, and the "
+                                                           "Hugging Face Hub (http://127.0.0.1:9) cannot be reached")):
+        run_clm.main(tiny_run_arguments(run_clm, assets, tmp_path, "--do_train", "--push_to_hub"))
+    # Local folders alone never ask the network.
+    model_args, data_args, training_args, adapter_args, _ = run_clm.parse_arguments(
+        tiny_run_arguments(run_clm, assets, tmp_path))
+    check_hub_is_reachable(model_args, data_args, adapter_args, training_args)
     assert not any(tmp_path.iterdir())  # refused before anything was written
+
+
+def test_a_hub_name_in_the_local_cache_is_used_without_network(assets, tmp_path, hub_unreachable, caplog):
+    # The cache as the hub client leaves it: the files of a revision in a snapshot, and the branch naming it.
+    repository = tmp_path / "cache" / "models--user--tiny-gpt2"
+    shutil.copytree(assets.tiny_gpt2, repository / "snapshots" / "0123abcd")
+    (repository / "refs").mkdir()
+    (repository / "refs" / "main").write_text("0123abcd")
+    metrics = run_clm.main(tiny_run_arguments(run_clm, assets, tmp_path / "out", "--do_eval", "--model_name_or_path",
+                                              "user/tiny-gpt2", "--cache_dir", tmp_path / "cache"))
+    local = run_clm.main(tiny_run_arguments(run_clm, assets, tmp_path / "local", "--do_eval"))
+    assert metrics["eval_loss"] == pytest.approx(local["eval_loss"], abs=1e-6)
+    assert "using the local cache's copies of user/tiny-gpt2" in caplog.text
 
 
 def drawn_figure(history, tmp_path, monkeypatch):

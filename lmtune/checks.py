@@ -6,6 +6,7 @@ import codecs
 import importlib.util
 import logging
 import os
+import re
 from pathlib import Path
 
 import datasets
@@ -14,6 +15,7 @@ import torch
 import transformers
 from huggingface_hub.file_download import repo_folder_name
 from transformers import CONFIG_MAPPING, Trainer
+from transformers.integrations import get_reporting_integration_callbacks
 
 from lmtune.adapter_setup import check_adapter_config, read_adapter_interface
 from lmtune.arguments import quantization_flag, quantizes, uses_adapter
@@ -107,6 +109,7 @@ def check_training_arguments(training_args):
         )
     if training_args.do_train:
         check_optimizer_settings(training_args)
+    check_reporting_integrations(training_args)
     if training_args.resume_from_checkpoint and not is_complete_checkpoint(training_args.resume_from_checkpoint):
         raise UsageError(
             f"--resume_from_checkpoint {training_args.resume_from_checkpoint} is not a complete checkpoint; give a "
@@ -114,16 +117,38 @@ def check_training_arguments(training_args):
         )
 
 
+def check_reporting_integrations(training_args):
+    """Each --report_to integration needs its package, which the Trainer would find missing only once the model is
+    loaded and the data preprocessed: its callback is what checks, so make each one now."""
+    for name, callback in zip(training_args.report_to, get_reporting_integration_callbacks(training_args.report_to)):
+        try:
+            callback()
+        except (RuntimeError, ImportError) as error:
+            raise UsageError(
+                f"--report_to {name} needs what is missing here ({first_line(error)}); install it, or leave {name} "
+                "out of --report_to (none reports nowhere)."
+            ) from None
+
+
 def check_optimizer_settings(training_args):
     """Build the chosen optimizer on one weight, so that a setting it rejects (betas, epsilon, a missing package)
-    is reported now rather than as a traceback once the model is loaded and the data preprocessed."""
+    is reported now rather than as a traceback once the model is loaded and the data preprocessed. The optimizers
+    built around the model's layers (GaLore, APOLLO, LOMO) are checked as far as transformers checks them without
+    one: their package and settings."""
     try:
         optimizer_class, optimizer_kwargs = Trainer.get_optimizer_cls_and_kwargs(training_args)
         optimizer_class([torch.nn.Parameter(torch.zeros(1))], **optimizer_kwargs)
-    except (ValueError, ImportError) as error:
+    except (ValueError, TypeError, ImportError) as error:
+        if re.search(r"pass a `?model`? ", str(error)):  # transformers' word that the rest needs the model
+            return
+        if isinstance(error, ImportError):
+            raise UsageError(
+                f"--optim {training_args.optim.value} needs a package that is not installed ({first_line(error)}); "
+                "install it, or choose another --optim."
+            ) from None
         raise UsageError(
             f"--optim {training_args.optim.value} rejects these settings ({first_line(error)}); check "
-            "--learning_rate, --adam_beta1, --adam_beta2, --adam_epsilon and --optim_args."
+            "--learning_rate, --adam_beta1, --adam_beta2, --adam_epsilon, --optim_args and --optim_target_modules."
         ) from None
 
 

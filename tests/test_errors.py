@@ -1,6 +1,7 @@
 """Bad input costs seconds: one line naming the flag and the fix, exit status 2, no traceback, nothing touched."""
 
 import errno
+import importlib.util
 import json
 import os
 import shutil
@@ -9,12 +10,14 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+import transformers.trainer
 from conftest import run_script, small_file_system, tiny_run_arguments
-from transformers import PreTrainedTokenizerBase
+from transformers import PreTrainedTokenizerBase, TrainingArguments
 
 import run_clm
 import run_mlm
 from lmtune import modeling
+from lmtune.checks import check_optimizer_settings
 from lmtune.output_dir import LOCK_FILE, last_complete_checkpoint
 
 
@@ -362,3 +365,22 @@ def test_a_cache_that_cannot_be_written_is_named_instead_of_the_data_file(assets
     line = capsys.readouterr().err.strip().splitlines()[-1]
     assert line.startswith("run_clm.py: error: Could not write ") and "(Read-only file system)" in line
     assert "while loading --train_file" in line and "fix the file" not in line
+
+
+def test_optimizers_built_around_the_model_are_checked_as_far_as_transformers_can_without_it(monkeypatch):
+    # LOMO wants the model itself: its settings pass once its package is there, as in transformers.
+    monkeypatch.setattr(transformers.trainer, "is_lomo_available", lambda: True)
+    check_optimizer_settings(TrainingArguments("unused", optim="lomo"))
+    with pytest.raises(run_clm.UsageError, match="--optim galore_adamw needs a package that is not installed"):
+        check_optimizer_settings(TrainingArguments("unused", optim="galore_adamw", optim_target_modules="all-linear"))
+    with pytest.raises(run_clm.UsageError, match="--optim adamw_torch rejects these settings"):
+        check_optimizer_settings(TrainingArguments("unused", optim="adamw_torch", adam_beta1=1.5))
+
+
+@pytest.mark.skipif(importlib.util.find_spec("wandb") is not None, reason="checks a machine without wandb")
+def test_a_reporting_integration_without_its_package_is_refused_in_one_line(assets, tmp_path, capsys):
+    assert run_clm.cli(tiny_run_arguments(run_clm, assets, tmp_path / "out", "--do_train", "--report_to", "wandb")) == 2
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert line.startswith("run_clm.py: error: --report_to wandb needs what is missing here (WandbCallback requires "
+                           "wandb to be installed")
+    assert not (tmp_path / "out").exists()

@@ -5,6 +5,7 @@ import json
 import logging
 import math
 import os
+import pickle
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -19,7 +20,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from lmtune.adapter_setup import load_saved_adapter
 from lmtune.arguments import uses_adapter
-from lmtune.errors import UsageError
+from lmtune.errors import UsageError, first_line
 from lmtune.logs import log_message_dropped
 from lmtune.metrics import perplexity
 
@@ -52,6 +53,16 @@ class LanguageModelingTrainer(Trainer):
 
     def loss_sum(self):
         return self.loss_sum_before_resume + self._total_loss_scalar
+
+    def _load_optimizer_and_scheduler(self, checkpoint):
+        try:
+            super()._load_optimizer_and_scheduler(checkpoint)
+        except (RuntimeError, OSError, EOFError, ValueError, pickle.UnpicklingError) as error:
+            raise UsageError(
+                f"Cannot resume from {checkpoint}: its optimizer or scheduler state is damaged ({first_line(error)}); "
+                "delete that checkpoint to resume from the one before it, or pass --overwrite_output_dir to start "
+                "afresh."
+            ) from None
 
     def _save_checkpoint(self, model, trial):
         # Written before trainer_state.json, which marks a checkpoint complete (see is_complete_checkpoint).

@@ -384,3 +384,20 @@ def test_a_reporting_integration_without_its_package_is_refused_in_one_line(asse
     assert line.startswith("run_clm.py: error: --report_to wandb needs what is missing here (WandbCallback requires "
                            "wandb to be installed")
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("damage", ["truncated", "empty"])
+def test_a_checkpoint_with_a_damaged_optimizer_state_is_refused_in_one_line(assets, tmp_path, capsys, damage):
+    output_dir = tmp_path / "out"
+    argv = tiny_run_arguments(run_clm, assets, output_dir, "--do_train", "--train_adapter", "--save_strategy", "steps",
+                              "--save_steps", "2", "--max_steps", "2")
+    run_clm.main(argv)
+    optimizer_file = output_dir / "checkpoint-2" / "optimizer.pt"
+    content = optimizer_file.read_bytes()
+    optimizer_file.write_bytes(content[: len(content) // 2] if damage == "truncated" else b"")
+    assert run_clm.cli([*argv, "--max_steps", "4"]) == 2
+    stderr = capsys.readouterr().err.strip().splitlines()
+    assert stderr[-1].startswith(f"run_clm.py: error: Cannot resume from {output_dir / 'checkpoint-2'}: its optimizer "
+                                 "or scheduler state is damaged")
+    assert not any("Traceback" in line for line in stderr)
+    assert optimizer_file.exists()  # nothing of the user's was deleted

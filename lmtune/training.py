@@ -154,7 +154,8 @@ class AdapterOnlyTrainer(LanguageModelingTrainer, AdapterTrainer):
 
 
 def save_adapter_files(model, folder, adapter_name, use_safetensors, gathered_state_dict=None):
-    """Write the adapter as adapters' save_adapter does (adapter_config.json and the weights, no head), but name
+    """Write the adapter as adapters' save_adapter does (adapter_config.json and the weights, no head, in
+    pytorch_adapter.bin and, unless --save_safetensors false, adapter.safetensors), but name
     each tensor once: prefix tuning keeps one pool of weights that every layer also references, so the state dict
     names a tensor several times, which safetensors refuses to write. The shortest name is kept; loading it
     restores the others, which are the same parameter.
@@ -182,8 +183,9 @@ def save_adapter_files(model, folder, adapter_name, use_safetensors, gathered_st
     (folder / "adapter_config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
     if use_safetensors:
         save_file(unique, folder / "adapter.safetensors")
-    else:
-        torch.save(unique, folder / "pytorch_adapter.bin")
+    # Always: adapters' load_adapter(path) reads pytorch_adapter.bin unless told use_safetensors=True, also for a
+    # name on the hub.
+    torch.save(unique, folder / "pytorch_adapter.bin")
     if interface := getattr(model.base_model, "adapter_interface", None):
         # As save_adapter does: the layer names that the adapter's weights are named after, for --adapter_interface.
         interface._save(str(folder), model.config)

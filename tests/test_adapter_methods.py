@@ -49,7 +49,7 @@ def test_every_method_trains_and_reloads_or_is_refused_in_one_line(script, metho
         return
     assert status == 0, stderr[-2000:]
     assert sorted(path.name for path in (tmp_path / "run" / name).iterdir()) == [
-        "adapter.safetensors", "adapter_config.json"]
+        "adapter.safetensors", "adapter_config.json", "pytorch_adapter.bin"]
     trained = read_json(tmp_path / "run" / "eval_results.json")["eval_loss"]
     # A fresh base model plus the saved adapter must give the trained model's loss: so the adapter was saved whole
     # and nothing outside it changed in training.
@@ -107,7 +107,7 @@ def test_language_adapter_is_stacked_under_the_task_adapter_and_stays_frozen(scr
                                     *stacked))
     # Only the task adapter is saved; the language adapter it was trained on top of is loaded, not changed.
     assert sorted(path.name for path in (tmp_path / "task" / "task").iterdir()) == [
-        "adapter.safetensors", "adapter_config.json"]
+        "adapter.safetensors", "adapter_config.json", "pytorch_adapter.bin"]
     assert not (tmp_path / "task" / "lang").exists()
     reloaded = script.main(arguments(script, assets, tmp_path / "reload", "--do_eval", *stacked, "--load_adapter",
                                      tmp_path / "task" / "task"))
@@ -126,7 +126,7 @@ def test_checkpoints_hold_only_the_adapter(assets, tmp_path):
     run_clm.main(arguments(run_clm, assets, tmp_path, "--do_train", "--max_steps", "2", "--train_adapter",
                            "--save_strategy", "steps", "--save_steps", "2"))
     adapter_files = sorted(path.name for path in (tmp_path / "checkpoint-2" / "clm").iterdir())
-    assert adapter_files == ["adapter.safetensors", "adapter_config.json"]
+    assert adapter_files == ["adapter.safetensors", "adapter_config.json", "pytorch_adapter.bin"]
     assert not list((tmp_path / "checkpoint-2").glob("*model*"))  # no base model weights, no head
 
 

@@ -105,7 +105,8 @@ def test_early_stopping_stops_after_patience_evaluations_without_improvement(bes
 
 def test_pushed_adapter_sits_at_the_repository_root_and_loads_back(best_run, assets, tmp_path):
     script, base, output_dir, metrics, *_, repo = best_run
-    assert sorted(path.name for path in repo.iterdir()) == ["README.md", "adapter.safetensors", "adapter_config.json"]
+    assert sorted(path.name for path in repo.iterdir()) == ["README.md", "adapter.safetensors", "adapter_config.json",
+                                                            "pytorch_adapter.bin"]
     card = (repo / "README.md").read_text()
     assert card.startswith("---\n") and "library_name: adapter-transformers" in card
     assert f'model.load_adapter("user/tiny-{script.__name__.removeprefix("run_")}", set_active=True)' in card

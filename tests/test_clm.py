@@ -6,11 +6,13 @@ import shutil
 import sys
 from pathlib import Path
 
+import adapters
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 from conftest import QUIET, read_json, tiny_run_arguments
-from transformers import AutoTokenizer, EvalPrediction
+from transformers import AutoModelForCausalLM, AutoTokenizer, EvalPrediction
 
 import run_clm
 from lmtune import hardware
@@ -56,9 +58,25 @@ def test_saved_adapter_holds_config_and_weights_but_no_base_model(adapter_run):
     *_, output_dir = adapter_run
     adapter_dir = output_dir / "clm"
     assert read_json(adapter_dir / "adapter_config.json")["config"]["reduction_factor"] == 16
-    # Exactly the trained weights, as safetensors: no head (the tied embeddings) and no pickle.
-    assert sorted(path.name for path in adapter_dir.iterdir()) == ["adapter.safetensors", "adapter_config.json"]
+    # Exactly the trained weights, no head (the tied embeddings): as safetensors, and as the pytorch_adapter.bin that
+    # adapters' load_adapter(path) reads by default.
+    assert sorted(path.name for path in adapter_dir.iterdir()) == ["adapter.safetensors", "adapter_config.json",
+                                                                   "pytorch_adapter.bin"]
     assert not list(output_dir.glob("*.safetensors")) and not (output_dir / "pytorch_model.bin").exists()
+
+
+def test_saved_adapter_loads_with_adapters_default_call_to_the_same_weights(adapter_run, pretrained_gpt2):
+    *_, output_dir = adapter_run
+    models = []
+    for load_kwargs in ({}, {"use_safetensors": True}):  # adapters' default reads pytorch_adapter.bin
+        model = AutoModelForCausalLM.from_pretrained(pretrained_gpt2)
+        adapters.init(model)
+        model.load_adapter(str(output_dir / "clm"), set_active=True, **load_kwargs)
+        models.append(model.eval())
+    inputs = torch.tensor([[5, 17, 99, 3, 42]])
+    with torch.no_grad():
+        assert torch.equal(models[0](inputs).logits, models[1](inputs).logits)
+    assert models[0].adapters_config.get("clm") is not None
 
 
 def test_saved_adapter_on_unchanged_base_reproduces_eval_loss(adapter_run, assets, pretrained_gpt2, tmp_path):

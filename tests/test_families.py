@@ -77,7 +77,7 @@ def test_family_trains_saves_and_reloads_or_is_refused_in_one_line(family, famil
             assert not saved.exists()
             continue
         assert trained.status == 0, (method, trained.error)
-        expected = {"adapter.safetensors", "adapter_config.json"}
+        expected = {"adapter.safetensors", "adapter_config.json", "pytorch_adapter.bin"}
         if family.route.startswith("interface") or family.interface:
             expected.add("adapter_interface.json")  # the layer names, as adapters' own save_adapter writes them
         assert {path.name for path in saved.iterdir()} == expected

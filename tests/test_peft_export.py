@@ -12,6 +12,7 @@ import ast
 import contextlib
 import io
 import json
+import re
 import subprocess
 import sys
 
@@ -37,9 +38,9 @@ from lmtune.peft_export import export_peft
 TOLERANCE = 1e-5
 
 # Run in a fresh interpreter: loads each case's base and PEFT folder with peft and prints the logits on its input,
-# the modules PEFT wrapped, its class, and whether anything imported adapters.
+# the modules PEFT wrapped, its class, and whether anything imported adapters; then runs the README's snippet.
 LOAD_WITH_PEFT = """
-import json, sys, torch, transformers
+import contextlib, io, json, sys, torch, transformers
 from peft import PeftModel
 results = {}
 for name, case in json.loads(open(sys.argv[1]).read()).items():
@@ -51,6 +52,10 @@ for name, case in json.loads(open(sys.argv[1]).read()).items():
                      if n.endswith(".lora_A"))
     results[name] = {"logits": logits.tolist(), "wrapped": wrapped, "class": type(model).__name__}
 results["imports adapters"] = "adapters" in sys.modules
+output = io.StringIO()
+with contextlib.redirect_stdout(output):
+    exec(open(sys.argv[2]).read(), {})  # the README's snippet
+results["snippet output"] = output.getvalue()
 print(json.dumps(results))
 """
 
@@ -142,8 +147,13 @@ def exported(assets, tiny_llama, tmp_path_factory):
             cases[name] = {"auto_class": "AutoModelForCausalLM", "base": str(base), "peft": str(folder / name),
                            "input_ids": TOKEN_IDS}
     (folder / "cases.json").write_text(json.dumps(cases))
-    loaded = subprocess.run([sys.executable, "-c", LOAD_WITH_PEFT, str(folder / "cases.json")], capture_output=True,
-                            text=True, timeout=300)
+    # The README's snippet, on the run_clm export: its tokenizer is the quick start's.
+    snippet = next(block for block in re.findall(r"```python\n(.*?)```", (REPO / "README.md").read_text(),
+                                                 flags=re.DOTALL) if "PeftModel" in block)
+    snippet = snippet.replace("outputs/tiny-gpt2", str(tiny_llama))
+    (folder / "snippet.py").write_text(snippet.replace("outputs/code-lora/peft", str(folder / "clm" / "peft")))
+    loaded = subprocess.run([sys.executable, "-c", LOAD_WITH_PEFT, str(folder / "cases.json"),
+                             str(folder / "snippet.py")], capture_output=True, text=True, timeout=300)
     assert loaded.returncode == 0, loaded.stderr[-3000:]
     return folder, expected, json.loads(loaded.stdout.strip().splitlines()[-1])
 
@@ -184,6 +194,13 @@ def test_fused_partial_and_left_out_adapters_export_exactly(exported, name):
         assert B[32:64].eq(0).all() and B[0:32, 4:8].eq(0).all() and B[64:96, 0:4].eq(0).all()
     if name == "gpt2 q,v + c_fc, leave_out 0":
         assert (config["layers_to_transform"], config["rank_pattern"]) == ([1], {"c_attn": 4})
+
+
+def test_readme_snippet_generates_with_the_export(exported):
+    _, _, loaded = exported
+    prompt = "def read_file(path):\n    with open("
+    assert loaded["snippet output"].startswith(prompt)
+    assert len(loaded["snippet output"]) > len(prompt) + 5  # it generated something
 
 
 def test_no_module_of_the_package_imports_peft():

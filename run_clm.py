@@ -32,6 +32,7 @@ from lmtune.logs import setup_logging
 from lmtune.metrics import TokenMetrics, predictions_and_losses
 from lmtune.modeling import example_length, load_config, load_model, load_tokenizer
 from lmtune.output_dir import check_resume_checkpoint, claimed_output_dir, detect_last_checkpoint
+from lmtune.peft_export import write_peft_adapter
 from lmtune.reporting import plot_training_curves, print_summary, publish, write_merged_model, write_samples
 from lmtune.training import add_early_stopping, build_trainer, check_sharding, evaluate, train
 
@@ -157,9 +158,10 @@ def main(argv=None):
         samples = write_samples(trainer, tokenizer, raw_datasets, block_size, evaluation_args, training_args,
                                 adapter_args, sample_prompt, complete_sample)
         merged = write_merged_model(trainer.model, tokenizer, model_args, training_args, adapter_args)
+        peft = write_peft_adapter(trainer.model, model_args, training_args, adapter_args, task_type="CAUSAL_LM")
         publish(trainer, model_args, data_args, training_args, task="text-generation")
         curves = plot_training_curves(trainer, training_args)
-        print_summary(trainer, metrics, block_size, curves, samples, merged, training_args, adapter_args)
+        print_summary(trainer, metrics, block_size, curves, samples, merged, peft, training_args, adapter_args)
     return metrics
 
 

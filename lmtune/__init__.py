@@ -9,6 +9,7 @@
 - training: the Trainer subclasses, adapter saving, train and evaluate
 - metrics: per-token losses, accuracy and perplexity
 - reporting: samples, merging, the hub, the plot and the summary
+- peft_export: --export_peft, the LoRA adapter in PEFT's layout
 - errors, logs, hardware: one-line errors, silenced noise, what the machine has
 """
 

@@ -30,6 +30,7 @@ from adapters.methods.lora import LoRAMergedLinear
 from lmtune.arguments import quantization_flag, quantizes, uses_adapter
 from lmtune.errors import FIX_ADAPTER, UsageError, first_line, reported_as_usage_error, shorten
 from lmtune.logs import log_message_dropped
+from lmtune.peft_export import check_peft_export
 
 logger = logging.getLogger(__name__)
 
@@ -302,7 +303,8 @@ def model_kind(model):
 
 
 def check_adapter_options(model, model_args, adapter_args):
-    """Refuse now, before any data is read, what adapters cannot do with this adapter: merge it, or run it quantized."""
+    """Refuse now, before any data is read, what cannot be done with this adapter: merge it, run it quantized, or
+    write it in PEFT's layout."""
     if not uses_adapter(adapter_args):
         return
     config = model.adapters_config.get(adapter_args.adapter_name)
@@ -321,6 +323,7 @@ def check_adapter_options(model, model_args, adapter_args):
             "fused query/key/value projection in a layer that cannot compute with quantized weights; drop "
             f"{flag}, or use a model with separate projections such as Llama or RoBERTa."
         )
+    check_peft_export(model, adapter_args)
 
 
 def can_merge(config):

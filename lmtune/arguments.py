@@ -232,6 +232,15 @@ class AdapterGroupArguments(AdapterArguments):
             "LoRA-style adapters can be merged; a quantized base is merged in full precision."
         },
     )
+    export_peft: bool = field(
+        default=False,
+        metadata={
+            "help": "After training (or with --load_adapter, without it), also write <output_dir>/peft/: the LoRA "
+            "adapter in PEFT's layout (adapter_config.json, adapter_model.safetensors) on --model_name_or_path, "
+            "which PeftModel.from_pretrained, vLLM and TGI load. Only plain LoRA (no gating, DoRA, VeRA or (IA)^3) "
+            "has that form; loading it needs `pip install -r requirements-peft.txt`."
+        },
+    )
 
 
 @dataclass

@@ -37,6 +37,7 @@ def check_arguments(model_args, data_args, training_args, adapter_args, evaluati
     check_evaluation_arguments(evaluation_args, training_args)
     check_quantization_arguments(model_args, adapter_args)
     check_merge_arguments(training_args, adapter_args)
+    check_export_peft_arguments(model_args, training_args, adapter_args)
     check_gradient_checkpointing_arguments(training_args, adapter_args)
     check_hub_is_reachable(model_args, data_args, adapter_args, training_args)
     warn_if_bf16_is_emulated(training_args)
@@ -334,6 +335,26 @@ def check_merge_arguments(training_args, adapter_args):
         raise UsageError(
             "--merge_adapter cannot fold an adapter stacked on a language adapter (--load_lang_adapter) into one "
             "model; drop one of the two flags."
+        )
+
+
+def check_export_peft_arguments(model_args, training_args, adapter_args):
+    if not adapter_args.export_peft:
+        return
+    if not (adapter_args.train_adapter and training_args.do_train) and not adapter_args.load_adapter:
+        raise UsageError(
+            "--export_peft has no adapter to export: train a LoRA (--do_train --train_adapter --adapter_config lora) "
+            "or load one (--load_adapter DIR)."
+        )
+    if adapter_args.load_lang_adapter:
+        raise UsageError(
+            "--export_peft writes one LoRA adapter, which PEFT would run without the language adapter of "
+            "--load_lang_adapter stacked under it; drop one of the two flags."
+        )
+    if not model_args.model_name_or_path:
+        raise UsageError(
+            "--export_peft names --model_name_or_path as the PEFT adapter's base model, and a model built from "
+            "scratch (--model_type) is saved nowhere; start from a saved model, or drop --export_peft."
         )
 
 

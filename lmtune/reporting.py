@@ -215,7 +215,7 @@ def plot_training_curves(trainer, training_args):
     return str(path)
 
 
-def print_summary(trainer, metrics, tokens_per_example, curves, samples, merged, training_args, adapter_args):
+def print_summary(trainer, metrics, tokens_per_example, curves, samples, merged, peft, training_args, adapter_args):
     """End the run with what a user looks for first: what was trained, how fast, how well, and where it went."""
     if not trainer.is_world_process_zero():
         return
@@ -227,6 +227,8 @@ def print_summary(trainer, metrics, tokens_per_example, curves, samples, merged,
         lines.append(evaluation_summary(trainer, metrics, training_args))
     if merged is not None:
         lines.append(f"merged model: {merged} ({megabytes(weight_files(merged))})")
+    if peft is not None:
+        lines.append(f"PEFT adapter: {peft} ({megabytes(weight_files(peft))})")
     if curves is not None:
         lines.append(f"training curves: {curves}")
     if samples is not None:

@@ -123,6 +123,42 @@ def pretrained_roberta(assets, tmp_path_factory):
                       lambda folder: pretrain(run_mlm, assets.tiny_roberta, assets.train, folder))
 
 
+@pytest.fixture(scope="session")
+def tiny_llama(assets, tmp_path_factory):
+    """A tiny Llama: separate query, key and value projections, which adapters can wrap around quantized layers."""
+    return built_once(tmp_path_factory, "tiny-llama", lambda folder: build_tiny_llama(assets, folder))
+
+
+def build_tiny_llama(assets, folder):
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    tokenizer = AutoTokenizer.from_pretrained(assets.gpt2_tokenizer)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=256,
+                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+# A sentence of token ids that every tiny tokenizer knows, for comparing logits.
+TOKEN_IDS = [[5, 17, 42, 99, 3, 250, 7, 11]]
+
+
+def adapter_model_logits(auto_class, base, adapter_folder):
+    """Logits on TOKEN_IDS of the base model with the saved adapter active, as the adapters library computes them."""
+    import adapters
+    import torch
+
+    model = auto_class.from_pretrained(base)
+    adapters.init(model)
+    model.load_adapter(str(adapter_folder), set_active=True, use_safetensors=True)
+    with torch.no_grad():
+        return model.eval()(torch.tensor(TOKEN_IDS)).logits
+
+
 def pretrain(script, model, train_file, output_dir):
     script.main(tiny_run_arguments(script, None, output_dir, "--do_train", "--num_train_epochs", "1",
                                    "--overwrite_output_dir", model=model, train=train_file, validation=None, length=64,

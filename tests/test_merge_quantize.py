@@ -14,25 +14,15 @@ import sys
 import adapters
 import pytest
 import torch
-from conftest import read_json
+from conftest import TOKEN_IDS, adapter_model_logits, read_json
 from conftest import tiny_run_arguments as arguments
 from safetensors import safe_open
-from transformers import (
-    AutoModelForCausalLM,
-    AutoModelForMaskedLM,
-    AutoTokenizer,
-    LlamaConfig,
-    LlamaForCausalLM,
-    TrainerCallback,
-    trainer,
-)
+from transformers import AutoModelForCausalLM, AutoModelForMaskedLM, TrainerCallback, trainer
 from transformers.modeling_layers import GradientCheckpointingLayer
 
 import run_clm
 import run_mlm
 from lmtune import hardware
-
-TOKEN_IDS = [[5, 17, 42, 99, 3, 250, 7, 11]]
 
 # Run in a fresh interpreter: loads each merged folder with transformers alone and prints its logits on TOKEN_IDS.
 LOAD_WITHOUT_ADAPTERS = """
@@ -46,15 +36,6 @@ for auto_class, folder in zip((AutoModelForCausalLM, AutoModelForMaskedLM), sys.
 assert "adapters" not in sys.modules, "transformers imported adapters"
 print(json.dumps(logits))
 """.replace("TOKEN_IDS", repr(TOKEN_IDS))
-
-
-def adapter_model_logits(auto_class, base, adapter_folder):
-    """Logits of the base model with the saved adapter active, as the adapters library computes them."""
-    model = auto_class.from_pretrained(base)
-    adapters.init(model)
-    model.load_adapter(str(adapter_folder), set_active=True, use_safetensors=True)
-    with torch.no_grad():
-        return model.eval()(torch.tensor(TOKEN_IDS)).logits
 
 
 def assert_plain_transformers_folder(folder):
@@ -138,20 +119,6 @@ def test_refusals_come_in_one_line_before_training(assets, tmp_path, capsys, mon
     assert run_mlm.cli(arguments(run_mlm, assets, tmp_path / "none", "--load_in_4bit", "--train_adapter")) == 2
     assert capsys.readouterr().err.strip().endswith(
         "--load_in_4bit needs the bitsandbytes package: pip install -r requirements-quantization.txt")
-
-
-@pytest.fixture(scope="module")
-def tiny_llama(assets, tmp_path_factory):
-    """A tiny Llama: separate query, key and value projections, which adapters can wrap around quantized layers."""
-    tokenizer = AutoTokenizer.from_pretrained(assets.gpt2_tokenizer)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=256,
-                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
-    torch.manual_seed(0)
-    folder = tmp_path_factory.mktemp("tiny-llama")
-    LlamaForCausalLM(config).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
 
 
 def quantized_loss_tolerance(eval_results, block_size=32):

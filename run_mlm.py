@@ -158,17 +158,25 @@ class MaskingCollator(DataCollatorForLanguageModeling, TrainerCallback):
     """Masks training examples afresh in every epoch; validation examples, masked once beforehand, are only padded.
 
     Each training example's masks come from a generator seeded by the run's seed, the epoch and the example's own
-    tokens (before padding), never from the global random state nor from the rest of the batch: the Trainer restores
+    tokens (padding left out), never from the global random state nor from the rest of the batch: the Trainer restores
     the global random state on resume only after it has collated the first batch, data loader workers each have
     their own, and the rest of the batch changes with the batch size and the number of processes. So a run masks
     the same whether resumed or not, on any number of processes and with any batch size. (Identical examples are
     masked alike within an epoch.)
     """
 
-    epoch = 0
+    def __post_init__(self):
+        super().__post_init__()
+        # In shared memory: data loader workers, persistent ones too, read the epoch the Trainer sets in this process.
+        self.shared_epoch = torch.zeros(1, dtype=torch.long).share_memory_()
+
+    @property
+    def epoch(self):
+        return int(self.shared_epoch[0])
 
     def on_epoch_begin(self, args, state, control, **kwargs):
-        self.epoch = math.floor(state.epoch or 0)  # state.epoch counts fractions of an epoch, restored on resume
+        # state.epoch counts fractions of an epoch, restored on resume.
+        self.shared_epoch[0] = math.floor(state.epoch or 0)
 
     def torch_call(self, examples):
         if "labels" not in examples[0]:
@@ -189,15 +197,35 @@ class MaskingCollator(DataCollatorForLanguageModeling, TrainerCallback):
         return batch
 
     def mask_example(self, example):
-        tokens = torch.tensor([example["input_ids"]], dtype=torch.long)
+        start, end = own_tokens(example)
         salt = f"{self.seed}/{self.epoch}".encode()
+        tokens = torch.tensor(example["input_ids"][start:end], dtype=torch.long)
         digest = hashlib.blake2b(tokens.numpy().tobytes(), digest_size=8, key=salt).digest()
         self.generator = torch.Generator().manual_seed(int.from_bytes(digest, "little"))
-        # The tokenizer tells the special tokens, padding included, which are never masked: the Trainer has dropped
-        # the special_tokens_mask column, an input the model does not take.
-        input_ids, labels = self.torch_mask_tokens(tokens)
+        # The tokenizer tells the special tokens, which are never masked: the Trainer has dropped the
+        # special_tokens_mask column, an input the model does not take.
+        input_ids, labels = mask_own_tokens(self, example, start, end)
         inputs = {key: value for key, value in example.items() if key != "special_tokens_mask"}
-        return {**inputs, "input_ids": input_ids[0].tolist(), "labels": labels[0].tolist()}
+        return {**inputs, "input_ids": input_ids, "labels": labels}
+
+
+def own_tokens(example):
+    """Where an example's own tokens are, padding (--pad_to_max_length) left out: masks are drawn for them alone,
+    so that padding changes none of them."""
+    attended = example.get("attention_mask")
+    if not attended:
+        return 0, len(example["input_ids"])
+    start = attended.index(1)
+    return start, start + sum(attended)
+
+
+def mask_own_tokens(masker, example, start, end, special_tokens_mask=None):
+    """masker's masks of the tokens start to end of an example: its input ids and its labels, -100 elsewhere."""
+    ids = list(example["input_ids"])
+    special = None if special_tokens_mask is None else torch.tensor([special_tokens_mask[start:end]])
+    masked, labels = masker.torch_mask_tokens(torch.tensor([ids[start:end]]), special_tokens_mask=special)
+    padding_after = [-100] * (len(ids) - end)
+    return ids[:start] + masked[0].tolist() + ids[end:], [-100] * start + labels[0].tolist() + padding_after
 
 
 def build_data_collator(tokenizer, model, data_args, training_args):
@@ -223,10 +251,8 @@ def mask_eval_dataset(eval_dataset, tokenizer, data_args, seed):
     def mask(example, index):
         # A generator per example, seeded by its position: the masks depend on neither batching nor workers.
         masker.generator = torch.Generator().manual_seed(seed * 1_000_003 + index)
-        input_ids, labels = masker.torch_mask_tokens(
-            torch.tensor([example["input_ids"]]), special_tokens_mask=torch.tensor([example["special_tokens_mask"]])
-        )
-        return {"input_ids": input_ids[0].tolist(), "labels": labels[0].tolist()}
+        input_ids, labels = mask_own_tokens(masker, example, *own_tokens(example), example["special_tokens_mask"])
+        return {"input_ids": input_ids, "labels": labels}
 
     masked = eval_dataset.map(
         mask, with_indices=True, remove_columns=["special_tokens_mask"],

@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 import torch
 from conftest import QUIET, read_json, tiny_run_arguments
-from transformers import AutoTokenizer, EvalPrediction
+from transformers import AutoModelForMaskedLM, AutoTokenizer, EvalPrediction
 
 import run_mlm
 
@@ -178,3 +178,34 @@ def test_mlm_probability_outside_zero_one_is_refused(assets, tmp_path, probabili
     with pytest.raises(run_mlm.UsageError, match=f"--mlm_probability {probability}"):
         run_mlm.main(tiny_run_arguments(run_mlm, assets, tmp_path, "--do_train", "--mlm_probability", probability,
                                         **RUN))
+
+
+def test_padding_to_max_length_changes_no_mask_and_no_result(assets, tmp_path):
+    # Evaluated only: training draws dropout over the padded shapes too, which no mask can keep the same.
+    def run(name, *extra):
+        return run_mlm.main(tiny_run_arguments(run_mlm, assets, tmp_path / name, "--do_eval", "--line_by_line",
+                                               *extra))
+
+    padded, unpadded = run("padded", "--pad_to_max_length"), run("unpadded")
+    assert padded["eval_loss"] == pytest.approx(unpadded["eval_loss"], abs=1e-6)
+    assert padded["eval_accuracy"] == unpadded["eval_accuracy"]
+
+
+def test_persistent_data_loader_workers_mask_each_epoch_afresh_as_the_main_process_does(assets, tmp_path):
+    # Without dropout: persistent workers spare the main process a random draw per epoch, which moves dropout.
+    model = AutoModelForMaskedLM.from_pretrained(assets.tiny_roberta, hidden_dropout_prob=0.0,
+                                                 attention_probs_dropout_prob=0.0)
+    model.save_pretrained(tmp_path / "model")
+    AutoTokenizer.from_pretrained(assets.tiny_roberta).save_pretrained(tmp_path / "model")
+
+    def losses(name, *extra):
+        run_mlm.main(tiny_run_arguments(run_mlm, assets, tmp_path / name, "--do_train", "--num_train_epochs", "3",
+                                        "--max_train_samples", "8", "--logging_steps", "1", *extra,
+                                        model=tmp_path / "model"))
+        return [entry["loss"] for entry in read_json(tmp_path / name / "trainer_state.json")["log_history"]
+                if "loss" in entry]
+
+    in_process = losses("in-process")
+    assert len(in_process) == 6
+    persistent = losses("workers", "--dataloader_num_workers", "1", "--dataloader_persistent_workers", "true")
+    assert persistent == pytest.approx(in_process, abs=1e-6)

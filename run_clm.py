@@ -14,6 +14,7 @@ Run `python run_clm.py --help` for every flag. Perplexity and next-token accurac
 import logging
 import sys
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Optional
 
@@ -25,11 +26,11 @@ from transformers import AutoModelForCausalLM, default_data_collator, set_seed
 from lmtune.adapter_setup import check_adapter_options, check_adapter_trains, setup_adapter, with_prompt_labels
 from lmtune.arguments import AdapterGroupArguments, DataArguments, parse_command_line
 from lmtune.checks import check_arguments
-from lmtune.data import apply_max_samples, load_raw_datasets, tokenize_and_group
+from lmtune.data import apply_max_samples, load_raw_datasets, token_stream, tokenize_and_group
 from lmtune.data import group_texts as group_texts_of_any_columns
 from lmtune.errors import UsageError, run_from_command_line
 from lmtune.logs import setup_logging
-from lmtune.metrics import TokenMetrics, predictions_and_losses
+from lmtune.metrics import SlidingWindow, TokenMetrics, predictions_and_losses
 from lmtune.modeling import example_length, load_config, load_model, load_tokenizer
 from lmtune.output_dir import check_resume_checkpoint, claimed_output_dir, detect_last_checkpoint
 from lmtune.peft_export import write_peft_adapter
@@ -56,12 +57,37 @@ class CausalDataArguments(DataArguments):
     keep_linebreaks: bool = field(
         default=True, metadata={"help": "Keep the line breaks at the end of each line of .txt files."}
     )
+    eval_stride: Optional[int] = field(
+        default=None,
+        metadata={
+            "help": "Also evaluate with a sliding window, as papers and the Hugging Face perplexity guide do: windows "
+            "of --block_size tokens moved by this many tokens over all the validation texts concatenated, each "
+            "scoring the tokens the previous one did not, so that every token is predicted with at least block size "
+            "- stride tokens of context. Adds eval_strided_loss and strided_perplexity to the eval metrics; between "
+            "1 (most context, one window per token) and the block size (the blocks of the plain evaluation); it costs "
+            "about block size / stride times the plain evaluation."
+        },
+    )
 
     def __post_init__(self):
         if self.block_size is not None and self.block_size < 2:
             raise UsageError(
                 f"--block_size {self.block_size} leaves no token to predict: a block needs at least 2 tokens, one "
                 "to read and one to predict; leave it out for the model's length."
+            )
+        self.check_eval_stride(self.block_size)
+
+    def check_eval_stride(self, block_size):
+        """Refuse a stride outside 1 to the block size; checked again once the block size is known."""
+        if self.eval_stride is None:
+            return
+        if self.eval_stride < 1:
+            raise UsageError(f"--eval_stride {self.eval_stride} must be at least 1 token; leave it out for block "
+                             "evaluation alone.")
+        if block_size is not None and self.eval_stride > block_size:
+            raise UsageError(
+                f"--eval_stride {self.eval_stride} is more than the block size of {block_size} tokens and would skip "
+                f"tokens; pass at most {block_size} (and less for more context)."
             )
 
     def text_file_options(self):
@@ -77,15 +103,16 @@ def parse_arguments(argv):
     return parse_command_line(argv, CausalDataArguments, CausalAdapterArguments)
 
 
+def tokenize(tokenizer, examples):
+    # verbose=False: texts longer than the model's limit are expected, grouping cuts them into blocks afterwards.
+    # No attention mask: group_texts makes it.
+    return tokenizer(examples["text"], return_attention_mask=False, verbose=False)
+
+
 def preprocess(raw_datasets, tokenizer, block_size, data_args, training_args):
     """Tokenize the texts, concatenate them and cut them into blocks of block_size tokens with labels = inputs."""
-    def tokenize(examples):
-        # verbose=False: texts longer than the model's limit are expected, grouping cuts them into blocks afterwards.
-        # No attention mask: group_texts makes it.
-        return tokenizer(examples["text"], return_attention_mask=False, verbose=False)
-
-    return tokenize_and_group(raw_datasets, tokenize, group_texts, block_size, data_args, training_args,
-                              fix="pass a smaller --block_size or more data")
+    return tokenize_and_group(raw_datasets, partial(tokenize, tokenizer), group_texts, block_size, data_args,
+                              training_args, fix="pass a smaller --block_size or more data")
 
 
 def group_texts(batch, block_size):
@@ -96,6 +123,21 @@ def group_texts(batch, block_size):
     labels = pc.list_flatten(blocks.column("input_ids")).to_numpy().copy()
     labels[::block_size] = -100
     return blocks.append_column("labels", pa.FixedSizeListArray.from_arrays(labels, block_size))
+
+
+def validation_windows(raw_datasets, tokenizer, block_size, data_args, training_args):
+    """With --eval_stride, what the sliding windows read: the validation texts tokenized as preprocess does and all
+    concatenated into one stream (where blocks are cut from each batch of 1000 texts on its own). With
+    --max_eval_samples N, the stream's first N * block_size tokens: the tokens of the N blocks evaluated, exactly so
+    where those come from the first 1000 texts."""
+    if data_args.eval_stride is None:
+        return None
+    data_args.check_eval_stride(block_size)
+    if not training_args.do_eval:
+        raise UsageError("--eval_stride evaluates the validation data with a sliding window: add --do_eval.")
+    limit = None if data_args.max_eval_samples is None else data_args.max_eval_samples * block_size
+    token_ids = token_stream(raw_datasets["validation"], partial(tokenize, tokenizer), limit)
+    return SlidingWindow(token_ids, block_size, data_args.eval_stride)
 
 
 def preprocess_logits_for_metrics(logits, labels):
@@ -143,6 +185,7 @@ def main(argv=None):
         check_adapter_trains(model, tokenizer, data_collator, model_args, training_args, adapter_args)
 
         block_size = example_length("--block_size", data_args.block_size, tokenizer, config)
+        sliding_window = validation_windows(raw_datasets, tokenizer, block_size, data_args, training_args)
         lm_datasets = preprocess(raw_datasets, tokenizer, block_size, data_args, training_args)
         train_dataset, eval_dataset = apply_max_samples(lm_datasets, data_args)
         trainer = build_trainer(model, tokenizer, data_collator, train_dataset, eval_dataset, training_args,
@@ -154,7 +197,7 @@ def main(argv=None):
         if training_args.do_train:
             metrics.update(train(trainer, train_dataset, last_checkpoint, training_args))
         if training_args.do_eval:
-            metrics.update(evaluate(trainer, eval_dataset))
+            metrics.update(evaluate(trainer, eval_dataset, sliding_window))
         samples = write_samples(trainer, tokenizer, raw_datasets, block_size, evaluation_args, training_args,
                                 adapter_args, sample_prompt, complete_sample)
         merged = write_merged_model(trainer.model, tokenizer, model_args, training_args, adapter_args)

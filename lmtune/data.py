@@ -212,6 +212,20 @@ def group_texts(batch, block_size):
     })
 
 
+def token_stream(texts, tokenize, limit=None):
+    """The texts (a split with a `text` column, streamed or not) tokenized by tokenize(examples) as preprocessing
+    does, and concatenated, all of them rather than batch by batch, into one array: its first limit tokens, reading
+    no further than needed."""
+    pieces, count = [], 0
+    for batch in texts.iter(batch_size=1000):
+        for ids in tokenize(batch)["input_ids"]:
+            pieces.append(np.asarray(ids, dtype=np.int64))
+            count += len(ids)
+        if limit is not None and count >= limit:
+            break
+    return np.concatenate(pieces)[:limit]
+
+
 def no_example_message(split, tokenized_split, block_size, data_args, fix):
     if block_size is None:
         return f"The {split} data has no non-empty line to make an example of; check the file and its text column."

@@ -3,6 +3,7 @@ batch size and number of processes."""
 
 import logging
 import math
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -63,3 +64,72 @@ class TokenMetrics:
 
 def as_array(values):
     return values.detach().cpu().numpy() if isinstance(values, torch.Tensor) else np.asarray(values)
+
+
+class SlidingWindow(NamedTuple):
+    """What a sliding-window evaluation reads: a stream of token ids, windows of window tokens, moved by stride."""
+
+    token_ids: np.ndarray
+    window: int
+    stride: int
+
+
+def sliding_windows(length, window, stride):
+    """The windows of the sliding-window evaluation of a stream of length tokens, as in the Hugging Face perplexity
+    guide: (begin, end, first_scored), a window of the tokens begin to end (at most window of them) every stride
+    tokens, until one reaches the stream's end. Each window scores the tokens from first_scored on, those that the
+    previous window did not score, except its own first token, which no position of the window predicts.
+
+    With stride < window every token but the stream's first is scored exactly once, with window - stride tokens of
+    context or more (all before it in the first window); with stride == window they are the blocks of block
+    evaluation, each one's first token unscored."""
+    windows, scored_up_to = [], 0
+    for begin in range(0, length - 1, stride):  # a window of the stream's last token alone would score nothing
+        end = min(begin + window, length)
+        windows.append((begin, end, max(scored_up_to, begin + 1)))
+        scored_up_to = end
+        if end == length:
+            break
+    return windows
+
+
+@torch.no_grad()
+def sliding_window_loss(model, token_ids, window, stride, batch_size, collator):
+    """The mean loss of the model over the tokens that the sliding windows of token_ids score (sliding_windows) and
+    their number, computed with the model in eval mode, batch_size windows at a time. collator turns the windows'
+    features (input_ids, attention_mask, labels: -100 where a token is not scored) into the model's batch, as in
+    evaluation; the labels it returns may be longer than the windows (prompt tuning's virtual tokens are -100)."""
+    token_ids = np.asarray(token_ids, dtype=np.int64)
+    was_training = model.training
+    model.eval()
+    loss_sum, scored = 0.0, 0
+    try:
+        for batch in equal_length_batches(sliding_windows(len(token_ids), window, stride), batch_size):
+            features = []
+            for begin, end, first_scored in batch:
+                labels = token_ids[begin:end].copy()
+                labels[: first_scored - begin] = -100
+                features.append({"input_ids": token_ids[begin:end], "attention_mask": np.ones(end - begin, np.int64),
+                                 "labels": labels})
+            inputs = {name: tensor.to(model.device) for name, tensor in collator(features).items()}
+            labels = inputs.pop("labels")
+            logits = model(**inputs).logits
+            # The logits at position i predict the label at position i + 1; token_losses is 0 where it is -100.
+            loss_sum += float(token_losses(logits[:, :-1], labels[:, 1:]).sum(dtype=torch.float64))
+            scored += int((labels[:, 1:] != -100).sum())
+    finally:
+        model.train(was_training)
+    return loss_sum / scored, scored
+
+
+def equal_length_batches(windows, batch_size):
+    """The windows in batches of at most batch_size, each of windows of one length (the last window may be shorter):
+    no padding, so no model has to be trusted to ignore it."""
+    batch = []
+    for item in windows:
+        if batch and (len(batch) == batch_size or item[1] - item[0] != batch[0][1] - batch[0][0]):
+            yield batch
+            batch = []
+        batch.append(item)
+    if batch:
+        yield batch

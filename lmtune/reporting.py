@@ -224,7 +224,7 @@ def print_summary(trainer, metrics, tokens_per_example, curves, samples, merged,
     else:
         lines = [evaluated_model_summary(trainer.model, adapter_args)]
     if training_args.do_eval:
-        lines.append(evaluation_summary(trainer, metrics, training_args))
+        lines.append(evaluation_summary(trainer, metrics, tokens_per_example, training_args))
     if merged is not None:
         lines.append(f"merged model: {merged} ({megabytes(weight_files(merged))})")
     if peft is not None:
@@ -265,17 +265,21 @@ def training_summary(model, metrics, tokens_per_example, training_args, adapter_
     ]
 
 
-def evaluation_summary(trainer, metrics, training_args):
-    line = f"evaluation: {metrics['eval_runtime']:.1f} s, {evaluation_figures(metrics)}"
+def evaluation_summary(trainer, metrics, tokens_per_example, training_args):
+    line = f"evaluation: {metrics['eval_runtime']:.1f} s, {evaluation_figures(metrics, tokens_per_example)}"
     if training_args.do_train and training_args.eval_on_start:
         start = next(entry for entry in trainer.state.log_history if "eval_loss" in entry)
         line += f" (before training: {evaluation_figures(start)})"
     return line
 
 
-def evaluation_figures(metrics):
-    """Perplexity and accuracy of an evaluation; --prediction_loss_only computes no accuracy."""
+def evaluation_figures(metrics, tokens_per_example=None):
+    """Perplexity and accuracy of an evaluation; --prediction_loss_only computes no accuracy. With run_clm.py's
+    --eval_stride, the perplexity over sliding windows of tokens_per_example tokens beside the blocks' own."""
     figures = f"perplexity {perplexity(metrics['eval_loss']):.2f}"
+    if "strided_perplexity" in metrics:
+        figures += (f" (sliding window of {tokens_per_example} by {metrics['eval_stride']}: "
+                    f"{metrics['strided_perplexity']:.2f})")
     if "eval_accuracy" in metrics:
         figures += f", accuracy {metrics['eval_accuracy']:.4f}"
     return figures

@@ -6,6 +6,7 @@ import logging
 import math
 import os
 import pickle
+import time
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -22,7 +23,7 @@ from lmtune.adapter_setup import load_saved_adapter
 from lmtune.arguments import uses_adapter
 from lmtune.errors import UsageError, first_line
 from lmtune.logs import log_message_dropped
-from lmtune.metrics import perplexity
+from lmtune.metrics import perplexity, sliding_window_loss
 
 logger = logging.getLogger(__name__)
 
@@ -310,7 +311,8 @@ def cache_off_while_checkpointing(model, training_args):
             model.config.use_cache = use_cache
 
 
-def evaluate(trainer, eval_dataset):
+def evaluate(trainer, eval_dataset, sliding_window=None):
+    """The final evaluation's metrics, logged and saved; with a SlidingWindow, its strided loss and perplexity too."""
     metrics = trainer.evaluate()
     if not math.isfinite(metrics["eval_loss"]):
         raise UsageError(
@@ -320,6 +322,28 @@ def evaluate(trainer, eval_dataset):
     if not isinstance(eval_dataset, datasets.IterableDataset):
         metrics["eval_samples"] = len(eval_dataset)
     metrics["perplexity"] = perplexity(metrics["eval_loss"])
+    if sliding_window is not None:
+        metrics.update(sliding_window_metrics(trainer, sliding_window))
     trainer.log_metrics("eval", metrics)
     trainer.save_metrics("eval", metrics)
     return metrics
+
+
+def sliding_window_metrics(trainer, sliding_window):
+    """The loss and perplexity of the trainer's model, adapters active as they are, over sliding windows of the
+    validation tokens (lmtune.metrics.sliding_window_loss), in the evaluation's batch size, collator and precision.
+
+    Under data parallelism every process holds the whole model, so the main process computes them alone, as it writes
+    the samples, and the other processes go on; the windows are not split over the processes, which keeps it simple
+    at the cost of speed. A model sharded by FSDP or DeepSpeed needs every process in each forward pass, so there every
+    process computes the same windows (correct, if wasteful), and the main process reports them."""
+    sharded = trainer.is_fsdp_enabled or trainer.is_deepspeed_enabled
+    if not (sharded or trainer.is_world_process_zero()):
+        return {}
+    start = time.perf_counter()
+    with trainer.autocast_smart_context_manager():
+        loss, scored = sliding_window_loss(trainer.model, sliding_window.token_ids, sliding_window.window,
+                                           sliding_window.stride, trainer.args.per_device_eval_batch_size,
+                                           trainer.data_collator)
+    return {"eval_strided_loss": loss, "strided_perplexity": perplexity(loss), "eval_stride": sliding_window.stride,
+            "eval_strided_tokens": scored, "eval_strided_runtime": round(time.perf_counter() - start, 4)}

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import adapters
+import model_families_table as families
 import numpy as np
 import pandas as pd
 import pytest
@@ -360,3 +361,87 @@ def test_a_glob_of_files_reads_every_file_it_matches_as_datasets_does(assets, tm
                                                train=train_file, validation=None))["train_samples"]
 
     assert train_samples(f"{tmp_path}/parts/part-*.txt", "glob") == train_samples(whole, "whole") > 0
+
+
+def concatenated_ids(tokenizer_dir, texts):
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    return [token for ids in tokenizer(texts)["input_ids"] for token in ids]
+
+
+def window_by_window_loss(model, ids, window, stride):
+    """The loop of the Hugging Face perplexity guide, one window at a time: windows of window tokens every stride
+    tokens, each scoring the tokens after the previous window's end; the mean loss and the number of tokens scored."""
+    loss_sum, scored, previous_end = 0.0, 0, 0
+    with torch.no_grad():
+        for begin in range(0, len(ids), stride):
+            end = min(begin + window, len(ids))
+            input_ids = torch.tensor([ids[begin:end]])
+            targets = input_ids.clone()
+            targets[:, : -(end - previous_end)] = -100
+            logits = model(input_ids).logits
+            loss_sum += torch.nn.functional.cross_entropy(logits[0, :-1], targets[0, 1:], reduction="sum").item()
+            scored += int((targets[0, 1:] != -100).sum())
+            previous_end = end
+            if end == len(ids):
+                break
+    return loss_sum / scored, scored
+
+
+def test_eval_stride_matches_a_window_by_window_computation(assets, pretrained_gpt2, tmp_path, capsys):
+    lines = lines_of(assets.code_validation, 80)
+    validation = write_data_file(tmp_path / "validation.txt", lines)
+    output_dir = tmp_path / "out"
+    metrics = run_clm.main(tiny_run_arguments(run_clm, assets, output_dir, "--do_train", "--do_eval", "--max_steps",
+                                              "10", "--learning_rate", "1e-2", "--train_adapter", "--eval_stride",
+                                              "16", model=pretrained_gpt2, train="code", validation=validation, **RUN))
+    model = AutoModelForCausalLM.from_pretrained(pretrained_gpt2).eval()
+    ids = concatenated_ids(pretrained_gpt2, [line + "\n" for line in lines])  # .txt lines keep their line break
+    base_loss, _ = window_by_window_loss(model, ids, 64, 16)
+    adapters.init(model)
+    model.load_adapter(str(output_dir / "clm"), set_active=True, use_safetensors=True)
+    loss, scored = window_by_window_loss(model, ids, 64, 16)
+    # Every token but the first, with the trained adapter active (which the base model's loss shows to matter).
+    assert metrics["eval_strided_tokens"] == scored == len(ids) - 1
+    assert metrics["eval_strided_loss"] == pytest.approx(loss, abs=1e-5)
+    assert abs(base_loss - loss) > 1e-2
+    assert metrics["strided_perplexity"] == pytest.approx(np.exp(loss), rel=1e-5)
+    for results in ("all_results.json", "eval_results.json"):
+        saved = read_json(output_dir / results)
+        assert saved["eval_strided_loss"] == metrics["eval_strided_loss"] and saved["eval_stride"] == 16
+        assert saved["eval_loss"] == metrics["eval_loss"] != metrics["eval_strided_loss"]  # the blocks' own
+    summary = capsys.readouterr().out.split("***** summary *****")[1]
+    assert (f"perplexity {metrics['perplexity']:.2f} (sliding window of 64 by 16: "
+            f"{metrics['strided_perplexity']:.2f}), accuracy") in summary
+
+
+@pytest.mark.parametrize("adapter", [None, "prompt_tuning"], ids=["model", "prompt_tuning"])
+def test_eval_stride_of_the_block_size_gives_the_block_loss(assets, pretrained_gpt2, tmp_path, adapter):
+    # --max_eval_samples 8: the first 8 blocks of the validation texts (fewer than the 1000 that grouping concatenates
+    # at a time), and the windows of the first 8 * 64 tokens of all of them: the same blocks, each with its first token
+    # unscored. Prompt tuning's virtual tokens lengthen the model's output, which the windows' labels must follow; a
+    # fresh prompt is random. Of the causal models, adapters 1.3.0 has prompt tuning for BERT as a decoder alone.
+    model, extra = pretrained_gpt2, []
+    if adapter:
+        decoder = families.Family("bert", "run_clm", {"is_decoder": True})
+        model = families.build_model(decoder, assets.gpt2_tokenizer, tmp_path / "bert-decoder")
+        extra = ["--train_adapter", "--adapter_config", adapter]
+    metrics = run_clm.main(tiny_run_arguments(run_clm, assets, tmp_path / "out", "--do_eval", "--eval_stride", "64",
+                                              *extra, model=model, train=None, **{**RUN, "eval_samples": 8}))
+    assert metrics["eval_samples"] == 8 and metrics["eval_strided_tokens"] == 8 * 63
+    assert metrics["eval_strided_loss"] == pytest.approx(metrics["eval_loss"], abs=1e-5)
+
+
+@pytest.mark.parametrize("stride, length, expected", [
+    (0, 64, "--eval_stride 0 must be at least 1 token"),
+    (65, 64, "--eval_stride 65 is more than the block size of 64 tokens"),
+    (300, 5000, "--eval_stride 300 is more than the block size of 256 tokens"),  # the model's 256 positions
+])
+def test_eval_stride_outside_one_to_the_block_size_is_refused(assets, tmp_path, capsys, stride, length, expected):
+    assert run_clm.cli(tiny_run_arguments(run_clm, assets, tmp_path, "--do_eval", "--eval_stride", stride,
+                                          train=None, length=length)) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1].startswith(f"run_clm.py: error: {expected}")
+
+
+def test_eval_stride_without_do_eval_is_refused(assets, tmp_path):
+    with pytest.raises(run_clm.UsageError, match="--eval_stride .*add --do_eval"):
+        run_clm.main(tiny_run_arguments(run_clm, assets, tmp_path, "--do_train", "--eval_stride", "16", **RUN))

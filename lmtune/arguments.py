@@ -365,6 +365,11 @@ def uses_adapter(adapter_args):
     return bool(adapter_args.train_adapter or adapter_args.load_adapter)
 
 
+def ends_with_an_adapter(training_args, adapter_args):
+    """Whether the run ends with an adapter to merge or export: one it trains, or a saved one it loads."""
+    return bool(adapter_args.train_adapter and training_args.do_train or adapter_args.load_adapter)
+
+
 def quantization_flag(model_args):
     return "--load_in_4bit" if model_args.load_in_4bit else "--load_in_8bit"
 

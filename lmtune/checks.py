@@ -18,7 +18,7 @@ from transformers import CONFIG_MAPPING, Trainer
 from transformers.integrations import get_reporting_integration_callbacks
 
 from lmtune.adapter_setup import check_adapter_config, read_adapter_interface
-from lmtune.arguments import quantization_flag, quantizes, uses_adapter
+from lmtune.arguments import ends_with_an_adapter, quantization_flag, quantizes, uses_adapter
 from lmtune.data import FILE_BUILDERS, file_extension, matching_files, read_prompts
 from lmtune.errors import UsageError, first_line
 from lmtune.hardware import warn_if_bf16_is_emulated
@@ -326,7 +326,7 @@ def check_quantization_arguments(model_args, adapter_args):
 def check_merge_arguments(training_args, adapter_args):
     if not adapter_args.merge_adapter:
         return
-    if not (adapter_args.train_adapter and training_args.do_train) and not adapter_args.load_adapter:
+    if not ends_with_an_adapter(training_args, adapter_args):
         raise UsageError(
             "--merge_adapter has no adapter to merge: train one (--do_train --train_adapter) or load one "
             "(--load_adapter DIR)."
@@ -341,7 +341,7 @@ def check_merge_arguments(training_args, adapter_args):
 def check_export_peft_arguments(model_args, training_args, adapter_args):
     if not adapter_args.export_peft:
         return
-    if not (adapter_args.train_adapter and training_args.do_train) and not adapter_args.load_adapter:
+    if not ends_with_an_adapter(training_args, adapter_args):
         raise UsageError(
             "--export_peft has no adapter to export: train a LoRA (--do_train --train_adapter --adapter_config lora) "
             "or load one (--load_adapter DIR)."

@@ -26,6 +26,8 @@ from lmtune.output_dir import is_complete_checkpoint
 
 logger = logging.getLogger(__name__)
 
+HUB_PROBE_SECONDS = 5  # how long a run waits to learn whether the Hugging Face Hub can be reached
+
 
 def check_arguments(model_args, data_args, training_args, adapter_args, evaluation_args):
     """Refuse mistakes before anything slow happens, each with one sentence naming the flag and the fix."""
@@ -296,9 +298,6 @@ def in_hub_cache(name, repo_type, cache_dir):
     if repo_type == "dataset":  # datasets also keeps what it prepared from a download in its own cache
         folders.append(Path(cache_dir or datasets.config.HF_DATASETS_CACHE) / name.replace("/", "___"))
     return any(folder.is_dir() and any(folder.iterdir()) for folder in folders)
-
-
-HUB_PROBE_SECONDS = 5  # how long a run waits to learn whether the Hugging Face Hub can be reached
 
 
 def check_quantization_arguments(model_args, adapter_args):

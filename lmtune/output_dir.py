@@ -20,8 +20,6 @@ logger = logging.getLogger(__name__)
 # Held by the run writing into --output_dir, and removed when it ends. The Trainer's pushes of the output folder to
 # the hub leave out names that begin with "_".
 LOCK_FILE = "_run.lock"
-
-
 # What a checkpoint of a fully fine-tuned model holds its weights in, whole or sharded.
 MODEL_WEIGHT_FILES = ["model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
                       "pytorch_model.bin.index.json"]

@@ -25,6 +25,9 @@ from lmtune.training import save_adapter_files
 
 logger = logging.getLogger(__name__)
 
+# Samples: a validation text is cut to its first tokens to make a prompt.
+SAMPLE_PROMPT_TOKENS = 16
+
 
 def write_samples(trainer, tokenizer, raw_datasets, max_length, evaluation_args, training_args, adapter_args,
                   sample_prompt, complete_sample):
@@ -75,10 +78,6 @@ def sample_texts(raw_datasets, tokenizer, evaluation_args):
         if len(texts) == count:
             break
     return texts
-
-
-# Samples: a validation text is cut to its first tokens to make a prompt.
-SAMPLE_PROMPT_TOKENS = 16
 
 
 def write_merged_model(model, tokenizer, model_args, training_args, adapter_args):

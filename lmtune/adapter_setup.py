@@ -29,6 +29,7 @@ from adapters.methods.lora import LoRAMergedLinear
 
 from lmtune.arguments import quantization_flag, quantizes, uses_adapter
 from lmtune.errors import FIX_ADAPTER, UsageError, first_line, reported_as_usage_error, shorten
+from lmtune.hardware import launcher_configures
 from lmtune.logs import log_message_dropped
 from lmtune.peft_export import check_peft_export
 
@@ -418,10 +419,16 @@ def check_adapter_trains(model, tokenizer, data_collator, model_args, training_a
             f"--torch_dtype {model_args.torch_dtype} loads the base model in {model.dtype} while the adapter trains "
             "in float32: add --bf16 (or --fp16 on a GPU) to compute in mixed precision, or drop --torch_dtype."
         )
+    if places_model_itself(training_args):
+        logger.info("The trial training step is left to the first step of training: FSDP and DeepSpeed place the "
+                    "model themselves.")
+        return
+    if model.device.type == "cpu" and training_args.device.type != "cpu" and not quantizes(model_args):
+        model.to(training_args.device)  # where the Trainer would put it: the step computes where training will
     example = tokenizer("Adapters are checked on one short sentence before any training starts.")
     example["labels"] = list(example["input_ids"])
     random_state = torch.get_rng_state()
-    batch = data_collator([example])
+    batch = {name: tensor.to(model.device) for name, tensor in data_collator([example]).items()}
     model.eval()  # no dropout: the check draws no random numbers that training would have drawn
     try:
         with half_precision_autocast(model):
@@ -444,10 +451,16 @@ def check_adapter_trains(model, tokenizer, data_collator, model_args, training_a
             "sits under a language adapter that only the first adapter of a stack can use"))
 
 
+def places_model_itself(training_args):
+    """Whether FSDP or DeepSpeed will place (and shard) the model, rather than the Trainer moving it whole."""
+    launcher = launcher_configures("FSDP") or launcher_configures("DeepSpeed")
+    return bool(training_args.fsdp or training_args.deepspeed or launcher)
+
+
 def half_precision_autocast(model):
-    # A base model loaded in half precision trains under autocast (--bf16/--fp16); the check runs on the CPU,
-    # before the Trainer moves the model, so it computes there in the base model's dtype.
-    return torch.autocast("cpu", dtype=model.dtype, enabled=model.dtype in (torch.bfloat16, torch.float16))
+    # A base model loaded in half precision trains under autocast (--bf16/--fp16); the check computes in the base
+    # model's dtype, on its device.
+    return torch.autocast(model.device.type, dtype=model.dtype, enabled=model.dtype in (torch.bfloat16, torch.float16))
 
 
 def runs_without_adapter(model, batch):

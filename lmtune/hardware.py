@@ -60,3 +60,9 @@ def use_cpu_process_group_under_launcher():
 
 # The mixed precision that `accelerate launch` asked for, if any.
 LAUNCHER_PRECISION = os.environ.get("ACCELERATE_MIXED_PRECISION")
+
+
+def launcher_configures(engine):
+    """Whether `accelerate launch` was configured for engine, "FSDP" or "DeepSpeed" (accelerate applies it on
+    accelerators only)."""
+    return os.environ.get(f"ACCELERATE_USE_{engine.upper()}", "false").lower() == "true"

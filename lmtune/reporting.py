@@ -250,7 +250,7 @@ def training_summary(model, metrics, tokens_per_example, training_args, adapter_
     output_dir = Path(training_args.output_dir)
     if adapter_args.train_adapter:
         saved = output_dir / adapter_args.adapter_name
-        files = [path for path in saved.rglob("*") if path.is_file()]
+        files = adapter_files(saved)
     else:
         saved = output_dir
         files = weight_files(output_dir)
@@ -294,9 +294,18 @@ def evaluated_model_summary(model, adapter_args):
                      if belongs_to_adapter(name))
     line += f", {in_adapter:,} ({100 * in_adapter / total:.2f}%) of them in adapter {adapter_args.adapter_name}"
     if adapter_args.load_adapter and os.path.isdir(adapter_args.load_adapter):
-        files = [path for path in Path(adapter_args.load_adapter).rglob("*") if path.is_file()]
+        files = adapter_files(Path(adapter_args.load_adapter))
         line += f" ({adapter_args.load_adapter}, {megabytes(files)})"
     return line
+
+
+def adapter_files(folder):
+    """The files of a saved adapter, its weights counted once: pytorch_adapter.bin beside adapter.safetensors holds
+    the same weights, for adapters' default loader."""
+    files = [path for path in folder.rglob("*") if path.is_file()]
+    if (folder / "adapter.safetensors").is_file():
+        files = [path for path in files if path != folder / "pytorch_adapter.bin"]
+    return files
 
 
 def weight_files(folder):

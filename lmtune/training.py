@@ -22,6 +22,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from lmtune.adapter_setup import load_saved_adapter
 from lmtune.arguments import uses_adapter
 from lmtune.errors import UsageError, first_line
+from lmtune.hardware import launcher_configures
 from lmtune.logs import log_message_dropped
 from lmtune.metrics import perplexity, sliding_window_loss
 
@@ -257,7 +258,7 @@ def check_sharding(trainer, adapter_args):
     """Refuse before training a sharding mode whose adapter could not be saved whole, and say so when a launcher's
     FSDP or DeepSpeed configuration does not apply."""
     for name, enabled in (("FSDP", trainer.is_fsdp_enabled), ("DeepSpeed", trainer.is_deepspeed_enabled)):
-        if os.environ.get(f"ACCELERATE_USE_{name.upper()}", "false").lower() == "true" and not enabled:
+        if launcher_configures(name) and not enabled:
             logger.warning(
                 f"{name} is configured, but accelerate runs it on GPUs and other accelerators only: on CPUs this run "
                 "is plain data parallel, each process holding the whole model."

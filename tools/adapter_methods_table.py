@@ -35,6 +35,7 @@ import run_clm  # noqa: E402
 import run_mlm  # noqa: E402
 from lmtune.errors import shorten  # noqa: E402
 from lmtune.modeling import load_config, load_model, load_tokenizer  # noqa: E402
+from lmtune.reporting import adapter_files  # noqa: E402
 
 START, END = "<!-- adapter-methods:start -->", "<!-- adapter-methods:end -->"
 # (column title, script, tiny model folder, the script's length flag)
@@ -88,7 +89,7 @@ def measure(script, argv):
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
     saved = Path(training_args.output_dir) / adapter_args.adapter_name
-    size = sum(path.stat().st_size for path in saved.rglob("*") if path.is_file())
+    size = sum(path.stat().st_size for path in adapter_files(saved))
     return f"✓ {trainable:,} params ({100 * trainable / total:.2f}%), {size / 1000:,.1f} kB"
 
 
@@ -126,7 +127,7 @@ def build_table(tiny):
     note = (f"Older alias names in parentheses. Measured with adapters {adapters.__version__} on the tiny, randomly "
             f"initialised GPT-2 and RoBERTa of `tools/make_tiny_assets.py` (hidden size {config.n_embd}, "
             f"{config.n_layer} layers, vocab {config.vocab_size}), 2 training steps of 32 tokens; percentages are of "
-            "all the model's parameters, sizes those of the saved adapter folder.")
+            "all the model's parameters, sizes those of the saved adapter (its weights counted once).")
     intro = ("Which methods train on which model family, as `--adapter_config NAME` with default settings "
              "(✓: trainable parameters and the saved adapter's size; ✗: why the script refuses it):")
     return "\n".join([wrap(intro), "", *lines, "", wrap(note),

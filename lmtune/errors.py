@@ -30,6 +30,17 @@ class UsageError(Exception):
     """A mistake in the command line or its inputs: reported as one line on stderr, exit status 2."""
 
 
+class StoppedBySignal(Exception):
+    """A run asked to stop (SIGTERM, SIGUSR1) that saved a checkpoint and stopped: reported as one line on stderr,
+    with the exit status of a process ended by that signal, 128 + its number (143 for SIGTERM). Job schedulers and
+    shells read that as "terminated", as they did before the run stopped cleanly; 2 would say the command was wrong,
+    and a wrapper that retries preempted jobs but not broken commands would then give up."""
+
+    def __init__(self, message, signal_number):
+        super().__init__(message)
+        self.exit_status = 128 + signal_number
+
+
 def one_line(error):
     # TrainingArguments puts the values that clash on lines of their own, after the sentence that names the flags.
     return " ".join(str(error).split()) or type(error).__name__
@@ -84,11 +95,15 @@ def write_failure(error):
 
 
 def run_from_command_line(main, argv, script_name):
-    """Run a script's main: a usage error ends in one line on stderr and exit status 2, not a traceback."""
+    """Run a script's main: a usage error ends in one line on stderr and exit status 2, not a traceback; a run stopped
+    by a signal, in one line naming its checkpoint and the signal's exit status."""
     use_cpu_process_group_under_launcher()
     try:
         main(argv)
     except UsageError as error:
         print(f"{script_name}: error: {error}", file=sys.stderr)
         return 2
+    except StoppedBySignal as stop:
+        print(f"{script_name}: stopped: {stop}", file=sys.stderr)
+        return stop.exit_status
     return 0

@@ -6,6 +6,8 @@ import logging
 import math
 import os
 import pickle
+import signal
+import threading
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -21,7 +23,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from lmtune.adapter_setup import load_saved_adapter
 from lmtune.arguments import uses_adapter
-from lmtune.errors import UsageError, first_line
+from lmtune.errors import StoppedBySignal, UsageError, first_line
 from lmtune.hardware import launcher_configures
 from lmtune.logs import log_message_dropped
 from lmtune.metrics import perplexity, sliding_window_loss
@@ -41,13 +43,16 @@ class LanguageModelingTrainer(Trainer):
         super().__init__(*args, **kwargs)
         self.add_callback(LogLossWhereItCounts)
         self.add_callback(StopOnDivergence(getattr(self.model.config, "vocab_size", None) or 2))
+        self.stop_on_signal = StopOnSignal()
+        self.add_callback(self.stop_on_signal)
         self.loss_sum_before_resume = 0.0
 
     def train(self, resume_from_checkpoint=None, **kwargs):
         loss_file = Path(resume_from_checkpoint or "") / LOSS_SUM_FILE
         self.loss_sum_before_resume = json.loads(loss_file.read_text())["loss_sum"] if (
             resume_from_checkpoint and loss_file.is_file()) else 0.0
-        output = super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
+        with self.stop_on_signal.handlers_installed():
+            output = super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
         train_loss = self.loss_sum() / max(self.state.global_step, 1)
         output.metrics["train_loss"] = train_loss
         self.state.log_history[-1]["train_loss"] = train_loss  # the summary that train() logged last
@@ -102,6 +107,83 @@ class StopOnDivergence(TrainerCallback):
                 f"--learning_rate ({args.learning_rate:g}) or clip the gradients with --max_grad_norm, and run "
                 "again (checkpoints written before this step are kept)."
             )
+
+
+# What a scheduler or a spot instance sends before it kills a job (SIGTERM), and what SLURM can be asked to send
+# earlier (sbatch --signal=USR1@120): both stop a run at the end of its step, with a checkpoint.
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+
+class StopOnSignal(TrainerCallback):
+    """Stops a run that is asked to stop (STOP_SIGNALS) at the end of the optimizer step in progress, with a
+    checkpoint of the same kind as at --save_steps, and ends it in one line naming that checkpoint; the same command
+    run again resumes from it. The handler only notes the signal: a second one, even while the checkpoint is being
+    written, changes nothing. Under several processes the signal may reach only some of them: at every step they
+    agree on whether any process got one (an all-reduce of one number, on CPU), so that all stop at the same step.
+    The evaluation due at that step is skipped, to stay within the scheduler's grace period."""
+
+    def __init__(self):
+        self.received = None  # the number of the first signal this process received while training
+        self.stopping = None  # the signal that the run stops for, once the processes agree to
+        self.group = None  # the CPU process group the processes agree in, when the default one is not one
+
+    @contextmanager
+    def handlers_installed(self):
+        """Handle the signals while training, then restore the handlers there were. Python handles signals in the
+        main thread only, so from another thread (a caller's) the run keeps the handlers it has. A signal that came
+        after the last step, when there is nothing left to stop, is delivered again to the restored handler."""
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        self.received, self.stopping = None, None
+        previous = {number: signal.signal(number, self.note) for number in STOP_SIGNALS}
+        try:
+            yield
+        finally:
+            for number, handler in previous.items():
+                signal.signal(number, signal.SIG_DFL if handler is None else handler)  # None: set outside Python
+        if self.received is not None:
+            signal.raise_signal(self.received)
+
+    def note(self, number, frame):
+        # Only a note: logging or saving here could deadlock on a lock that the interrupted code holds.
+        self.received = self.received or number
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if torch.distributed.is_available() and torch.distributed.is_initialized() and self.group is None:
+            # Every process calls this together, as new_group needs. NCCL's group would need a GPU tensor, and a
+            # GPU synchronisation at every step; gloo's reduces one number on the CPU in microseconds.
+            if "gloo" not in str(torch.distributed.get_backend()):
+                self.group = torch.distributed.new_group(backend="gloo")
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.stopping = self.signal_of_any_process()
+        if self.stopping:
+            control.should_training_stop = control.should_save = True
+            control.should_log = True  # the losses since the last log go into the checkpoint's loss sum
+            control.should_evaluate = False
+
+    def signal_of_any_process(self):
+        """The signal received by this process or, under several, by any of them (the larger number if two
+        differ); None if none was."""
+        number = self.received or 0
+        if torch.distributed.is_available() and torch.distributed.is_initialized() and (
+                torch.distributed.get_world_size() > 1):
+            flag = torch.tensor([number])
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX, group=self.group)
+            number = int(flag.item())
+        return number or None
+
+    def on_save(self, args, state, control, **kwargs):
+        if not self.stopping:
+            return
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.barrier(group=self.group)  # no process ends before all have written their part
+        number = self.stopping
+        checkpoint = Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
+        raise StoppedBySignal(
+            f"{signal.Signals(number).name} received: training stopped after step {state.global_step} of "
+            f"{state.max_steps} and saved {checkpoint}; run the same command again to resume from it.", number)
 
 
 class AdapterOnlyTrainer(LanguageModelingTrainer, AdapterTrainer):

@@ -65,6 +65,8 @@ class LanguageModelingTrainer(Trainer):
         try:
             super()._load_optimizer_and_scheduler(checkpoint)
         except (RuntimeError, OSError, EOFError, ValueError, pickle.UnpicklingError) as error:
+            if not damaged_states(checkpoint):
+                raise  # the files are whole: something else failed, which this message would misname
             raise UsageError(
                 f"Cannot resume from {checkpoint}: its optimizer or scheduler state is damaged ({first_line(error)}); "
                 "delete that checkpoint to resume from the one before it, or pass --overwrite_output_dir to start "
@@ -78,6 +80,19 @@ class LanguageModelingTrainer(Trainer):
             folder.mkdir(parents=True, exist_ok=True)
             (folder / LOSS_SUM_FILE).write_text(json.dumps({"loss_sum": self.loss_sum()}))
         super()._save_checkpoint(model, trial)
+
+
+def damaged_states(checkpoint):
+    """The optimizer, scheduler and scaler states of a checkpoint that cannot be read back."""
+    damaged = []
+    for name in ("optimizer.pt", "scheduler.pt", "scaler.pt"):
+        path = Path(checkpoint) / name
+        if path.exists():
+            try:
+                torch.load(path, map_location="cpu", weights_only=True)
+            except (RuntimeError, OSError, EOFError, ValueError, pickle.UnpicklingError):
+                damaged.append(name)
+    return damaged
 
 
 class LogLossWhereItCounts(TrainerCallback):

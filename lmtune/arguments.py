@@ -8,10 +8,13 @@ import os
 import re
 import sys
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Optional
 
+import torch
 from adapters import AdapterArguments
 from transformers import HfArgumentParser, TrainingArguments
+from transformers.training_args import OptimizerNames
 
 from lmtune.errors import UsageError, one_line
 from lmtune.hardware import LAUNCHER_PRECISION, unpin_memory_without_accelerator
@@ -357,7 +360,34 @@ def parse_command_line(argv, data_arguments, adapter_arguments):
             ) from None
         raise UsageError(f"{one_line(error)}; see --help for the flags and their values.") from None
     unpin_memory_without_accelerator(arguments[2])
+    choose_optimizer_for_xla(arguments[2], optim_given(parser, argv))
     return arguments
+
+
+def choose_optimizer_for_xla(training_args, given):
+    """transformers' default optimizer, adamw_torch_fused, has no kernel for XLA tensors: torch refuses them at the
+    first optimizer step. On XLA (TPUs), a run without --optim trains with adamw_torch instead, and an explicit
+    --optim adamw_torch_fused is refused before anything slow happens."""
+    if training_args.device.type != "xla" or training_args.optim != OptimizerNames.ADAMW_TORCH_FUSED:
+        return
+    if given:
+        raise UsageError(
+            f"--optim adamw_torch_fused has no XLA kernel in torch {torch.__version__}: torch refuses XLA tensors at "
+            "the first optimizer step; use --optim adamw_torch on XLA (TPUs)."
+        )
+    training_args.optim = OptimizerNames.ADAMW_TORCH
+    logger.info("Training with --optim adamw_torch: transformers' default, adamw_torch_fused, has no XLA kernel.")
+
+
+def optim_given(parser, argv):
+    """Whether the command line, or the .json file of arguments, names --optim. argparse fills in a flag's default
+    only where the flag is absent, so a marker put in its place beforehand stays exactly then (whatever the spelling:
+    --optim=X, or a prefix that argparse accepts)."""
+    if len(argv) == 1 and argv[0].endswith(".json"):
+        return "optim" in json.loads(Path(argv[0]).read_text())
+    absent = object()
+    namespace, _ = parser.parse_known_args(argv, namespace=argparse.Namespace(optim=absent))
+    return namespace.optim is not absent
 
 
 def uses_adapter(adapter_args):

@@ -4,6 +4,7 @@ length of the examples that they allow."""
 import logging
 
 import torch
+from torch.distributed.tensor import DTensor
 from transformers import CONFIG_MAPPING, AutoConfig, AutoTokenizer, BitsAndBytesConfig
 
 from lmtune.arguments import quantizes
@@ -128,3 +129,9 @@ def take_special_tokens_from(tokenizer, config):
     for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
         if getattr(tokenizer, key) is not None:
             setattr(config, key, getattr(tokenizer, key))
+
+
+def sharded(model):
+    """Whether the model's weights are sharded over the processes (FSDP2's DTensors, DeepSpeed ZeRO-3's partitions),
+    so that a forward pass needs every process."""
+    return any(isinstance(parameter, DTensor) or hasattr(parameter, "ds_id") for parameter in model.parameters())

@@ -20,7 +20,7 @@ from lmtune.data import read_prompts
 from lmtune.errors import shorten
 from lmtune.hardware import bf16_tip
 from lmtune.metrics import perplexity
-from lmtune.modeling import load_config, load_model
+from lmtune.modeling import load_config, load_model, sharded
 from lmtune.training import save_adapter_files
 
 logger = logging.getLogger(__name__)
@@ -36,7 +36,13 @@ def write_samples(trainer, tokenizer, raw_datasets, max_length, evaluation_args,
 
     The objective makes each prompt, sample_prompt(tokenizer, text, max_length) -> (record, prompt), and the
     model's answer to it, complete_sample(model, tokenizer, prompt) -> text."""
-    if evaluation_args.num_samples == 0 or not trainer.is_world_process_zero():
+    if evaluation_args.num_samples == 0:
+        return None
+    if sharded(trainer.model):  # generating on the main process alone would wait for the others forever
+        logger.warning("No samples: the model is sharded over the processes (FSDP or DeepSpeed ZeRO-3); evaluate the "
+                       "saved adapter in one process (--load_adapter DIR --do_eval) to see them.")
+        return None
+    if not trainer.is_world_process_zero():
         return None
     texts = sample_texts(raw_datasets, tokenizer, evaluation_args)
     if not texts:

@@ -211,12 +211,27 @@ class AdapterOnlyTrainer(LanguageModelingTrainer, AdapterTrainer):
 
     def _save(self, output_dir=None, state_dict=None):
         output_dir = Path(output_dir or self.args.output_dir)
-        # A state_dict comes only under FSDP or DeepSpeed: gathered from the shards that each process holds.
+        # A state_dict comes only under FSDP or DeepSpeed, gathered from the shards that each process holds, and on
+        # XLA, copied to the CPU (_save_tpu).
         save_adapter_files(self.model, output_dir / self.adapter_name, self.adapter_name, self.args.save_safetensors,
                            gathered_state_dict=state_dict)
         if self.processing_class is not None:
             self.processing_class.save_pretrained(output_dir)
         torch.save(self.args, output_dir / "training_args.bin")
+
+    def _save_tpu(self, output_dir=None):
+        """On XLA (TPUs) save_model, and so every checkpoint, saves through _save_tpu instead of _save; the Trainer's
+        own writes the whole model. Save exactly what _save saves, the adapter alone, from the master process, its
+        weights copied to the CPU first. Every process calls this, and syncs the graph as often as the Trainer's
+        _save_tpu does (a mark_step, then a rendezvous of all processes): each sync advances XLA's random seed, so
+        dropout, and a resumed run, stay as with the Trainer's own. A checkpoint's next rendezvous, before the
+        optimizer is saved, waits for the master to have written the adapter."""
+        import torch_xla.core.xla_model as xm
+
+        xm.mark_step()  # the weights' pending updates are computed before they are read
+        xm.rendezvous("saving_checkpoint")
+        if self.args.should_save:
+            self._save(output_dir, state_dict=adapter_weights_on_cpu(self.model, self.adapter_name))
 
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
         self.load_trained_adapter(Path(resume_from_checkpoint) / self.adapter_name)
@@ -250,6 +265,20 @@ class AdapterOnlyTrainer(LanguageModelingTrainer, AdapterTrainer):
             # A weights file in the other format, from an earlier push, would otherwise be loaded instead.
             delete_patterns=["adapter.safetensors", "pytorch_adapter.bin"],
         )
+
+
+def adapter_weights_on_cpu(model, adapter_name):
+    """The adapter's weights, named as in the model's state dict, copied to the CPU for save_adapter_files. An XLA
+    tensor has no data pointer (data_ptr() is 0) to save from, or to tell which names share one weight by (prefix
+    tuning's pool): each weight is copied once, and all its names share that copy, as they share the weight."""
+    belongs = AdapterLoader(model).filter_func(adapter_name)
+    copies, weights = {}, {}
+    for name, tensor in model.state_dict(keep_vars=True).items():  # the weights themselves, not detached views
+        if belongs(name):
+            if id(tensor) not in copies:
+                copies[id(tensor)] = tensor.detach().cpu()
+            weights[name] = copies[id(tensor)]
+    return weights
 
 
 def save_adapter_files(model, folder, adapter_name, use_safetensors, gathered_state_dict=None):
@@ -363,6 +392,15 @@ def check_sharding(trainer, adapter_args):
     if not adapter_args.train_adapter:
         return
     state = trainer.accelerator.state
+    zero = state.deepspeed_plugin.deepspeed_config.get("zero_optimization", {}) if trainer.is_deepspeed_enabled else {}
+    if trainer.is_fsdp_enabled or zero.get("stage") == 3:
+        flag = next((flag for flag, wanted in (("--merge_adapter", adapter_args.merge_adapter),
+                                               ("--export_peft", adapter_args.export_peft)) if wanted), None)
+        if flag is not None:
+            raise UsageError(
+                f"{flag} needs the whole model in one process, which FSDP and DeepSpeed ZeRO-3 shard: drop it here, "
+                f"and run it on the saved adapter afterwards in one process (--load_adapter DIR {flag})."
+            )
     if trainer.is_fsdp_enabled and state.fsdp_plugin.fsdp_version != 2:
         raise UsageError(
             "--train_adapter under FSDP needs fsdp_version: 2 in the accelerate config: with FSDP1 the adapter cannot "
@@ -373,7 +411,6 @@ def check_sharding(trainer, adapter_args):
             f"--train_adapter under FSDP with {state.fsdp_plugin.state_dict_type} would save no adapter; set "
             "fsdp_state_dict_type: FULL_STATE_DICT in the accelerate config."
         )
-    zero = state.deepspeed_plugin.deepspeed_config.get("zero_optimization", {}) if trainer.is_deepspeed_enabled else {}
     if zero.get("stage") == 3 and not zero.get("stage3_gather_16bit_weights_on_model_save", False):
         raise UsageError(
             "--train_adapter under DeepSpeed ZeRO-3 needs \"stage3_gather_16bit_weights_on_model_save\": true in "

@@ -38,7 +38,8 @@ def arguments(script, assets, dropout_free, output_dir, mode, *extra):
     # 24 validation examples in batches of 5: the last batch is short, and split unevenly over two processes.
     model = dropout_free.gpt2 if script is run_clm else dropout_free.roberta
     return tiny_run_arguments(script, assets, output_dir, "--do_train", "--do_eval", "--max_steps", "3",
-                              "--per_device_eval_batch_size", "5", *MODES[mode], *extra, eval_samples=24, model=model)
+                              "--per_device_eval_batch_size", "5", "--num_samples", "1", *MODES[mode], *extra,
+                              eval_samples=24, model=model)
 
 
 @pytest.fixture(scope="module")
@@ -98,6 +99,8 @@ def test_two_processes_report_what_one_reports_with_twice_the_batch(script, mode
     double = read_json(output_dir / "all_results.json")
     for key in METRICS:
         assert double[key] == pytest.approx(single[key], abs=1e-5), key
+    # Samples, made by the main process alone while the other one ends: the same as one process makes.
+    assert (output_dir / "samples.jsonl").read_text() == (one_process(script, mode) / "samples.jsonl").read_text()
     assert read_json(output_dir / "trainer_state.json")["global_step"] == 3
     assert double["eval_samples"] == 24
     adapter_name = script.__name__.removeprefix("run_")  # the default --adapter_name
@@ -141,7 +144,7 @@ def test_a_signal_to_one_process_stops_both_at_the_same_step_with_one_checkpoint
 def test_fsdp_trains_and_saves_the_whole_adapter(assets, dropout_free, one_process, tmp_path):
     # run_clm only: accelerate 1.15 cannot shard RoBERTa's LM head with FSDP2 (its bias is tied to lm_head.bias).
     output_dir = tmp_path / "out"
-    launch("fsdp", run_clm, arguments(run_clm, assets, dropout_free, output_dir, "adapter"), tmp_path)
+    output = launch("fsdp", run_clm, arguments(run_clm, assets, dropout_free, output_dir, "adapter"), tmp_path)
     single_dir = one_process(run_clm, "adapter")
     single, sharded = read_json(single_dir / "all_results.json"), read_json(output_dir / "all_results.json")
     for key in METRICS:
@@ -152,6 +155,9 @@ def test_fsdp_trains_and_saves_the_whole_adapter(assets, dropout_free, one_proce
     assert weights.keys() == single_weights.keys()
     assert all(torch.allclose(weights[key], single_weights[key], atol=1e-6) for key in weights)
     assert (output_dir / "clm/adapter_config.json").read_text() == (single_dir / "clm/adapter_config.json").read_text()
+    # No samples from a sharded model, which the main process alone cannot run: said, and nothing hangs.
+    assert not (output_dir / "samples.jsonl").exists()
+    assert "No samples: the model is sharded over the processes" in output
     reloaded = run_clm.main(tiny_run_arguments(
         run_clm, assets, tmp_path / "reloaded", "--do_eval", "--train_adapter", "--load_adapter", output_dir / "clm",
         "--per_device_eval_batch_size", "5", eval_samples=24, model=dropout_free.gpt2))
@@ -182,6 +188,10 @@ def test_a_batch_split_over_processes_is_masked_as_the_whole_batch(assets):
     assert (padded[1, len(examples[1]["input_ids"]):] == -100).all()  # padding is never a masked token
 
 
+# An adapter trained, and nothing asked of it that needs the whole model in one process.
+ADAPTER_ONLY = SimpleNamespace(train_adapter=True, merge_adapter=False, export_peft=False)
+
+
 def trainer_with(fsdp=None, deepspeed=None):
     """A stand-in for a Trainer under FSDP or DeepSpeed, with what check_sharding reads."""
     state = SimpleNamespace(fsdp_plugin=fsdp, deepspeed_plugin=deepspeed)
@@ -196,7 +206,7 @@ def trainer_with(fsdp=None, deepspeed=None):
      "stage3_gather_16bit_weights_on_model_save"),
 ], ids=["fsdp1", "sharded-state-dict", "zero3-without-gathering"])
 def test_a_sharding_the_adapter_could_not_be_saved_from_is_refused(trainer, flagged):
-    adapter_args = SimpleNamespace(train_adapter=True)
+    adapter_args = ADAPTER_ONLY
     with pytest.raises(run_clm.UsageError, match=flagged):
         check_sharding(trainer, adapter_args)
     check_sharding(trainer, SimpleNamespace(train_adapter=False))  # the Trainer saves a whole model itself
@@ -209,11 +219,24 @@ def test_a_sharding_the_adapter_could_not_be_saved_from_is_refused(trainer, flag
     trainer_with(deepspeed=SimpleNamespace(deepspeed_config={"zero_optimization": {"stage": 2}})),
 ], ids=["fsdp2-full-state-dict", "zero3-gathering", "zero2"])
 def test_a_sharding_the_adapter_can_be_saved_from_is_accepted(trainer):
-    check_sharding(trainer, SimpleNamespace(train_adapter=True))
+    check_sharding(trainer, ADAPTER_ONLY)
+
+
+@pytest.mark.parametrize("flag", ["merge_adapter", "export_peft"])
+@pytest.mark.parametrize("trainer", [
+    trainer_with(fsdp=SimpleNamespace(fsdp_version=2, state_dict_type="StateDictType.FULL_STATE_DICT")),
+    trainer_with(deepspeed=SimpleNamespace(deepspeed_config={"zero_optimization": {
+        "stage": 3, "stage3_gather_16bit_weights_on_model_save": True}})),
+], ids=["fsdp2", "zero3"])
+def test_what_needs_the_whole_model_in_one_process_is_refused_under_a_sharded_model(trainer, flag):
+    with pytest.raises(run_clm.UsageError, match=f"--{flag} needs the whole model in one process"):
+        check_sharding(trainer, SimpleNamespace(**{**vars(ADAPTER_ONLY), flag: True}))
+    zero2 = trainer_with(deepspeed=SimpleNamespace(deepspeed_config={"zero_optimization": {"stage": 2}}))
+    check_sharding(zero2, SimpleNamespace(**{**vars(ADAPTER_ONLY), flag: True}))  # each process holds it whole
 
 
 def test_an_fsdp_configuration_that_accelerate_drops_on_cpus_is_pointed_out(monkeypatch, caplog):
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")  # what `accelerate launch --config_file configs/fsdp.yaml` sets
     with caplog.at_level(logging.WARNING, logger="lmtune.training"):
-        check_sharding(trainer_with(), SimpleNamespace(train_adapter=True))  # data parallel after all
+        check_sharding(trainer_with(), ADAPTER_ONLY)  # data parallel after all
     assert "FSDP is configured, but accelerate runs it on GPUs and other accelerators only" in caplog.text

@@ -23,6 +23,7 @@ from transformers import TrainingArguments
 
 import run_clm
 import run_mlm
+from lmtune.arguments import ArgumentParser, optim_given
 from lmtune.checks import check_hub_is_reachable
 
 SCRIPTS = pytest.mark.parametrize("script", [run_clm, run_mlm], ids=["clm", "mlm"])
@@ -290,3 +291,30 @@ def test_the_trainers_evaluation_flags_pass_through(script, assets, tmp_path):
     loss_only = evaluate("loss-only", "--prediction_loss_only")
     assert "eval_accuracy" not in loss_only and math.isfinite(loss_only["eval_loss"])
     assert (tmp_path / "loss-only" / "all_results.json").exists()
+
+
+def parser_of(script):
+    """The parser of a script's command line: its argument groups, as parse_arguments reads them."""
+    return ArgumentParser([type(group) for group in script.parse_arguments(["--output_dir", "unused"])])
+
+
+# On XLA (TPUs) a run without --optim trains with adamw_torch, as transformers' default has no XLA kernel there: which
+# needs to know whether --optim was given (tests/test_xla.py runs the XLA side where torch_xla is installed).
+@pytest.mark.parametrize("script", [run_clm, run_mlm], ids=["clm", "mlm"])
+@pytest.mark.parametrize("argv, given", [
+    ([], False),
+    (["--output_dir", "x", "--optim_args", "betas=(0.9,0.99)"], False),
+    (["--optim", "adamw_torch_fused"], True),
+    (["--optim=adamw_torch"], True),
+    (["--output_dir", "x", "--optim", "sgd", "--optim_args", "momentum=0.9"], True),
+])
+def test_optim_given_tells_an_explicit_optim_from_the_default(script, argv, given):
+    assert optim_given(parser_of(script), argv) is given
+
+
+def test_optim_given_reads_a_json_file_of_arguments(tmp_path):
+    with_optim, without = tmp_path / "with.json", tmp_path / "without.json"
+    with_optim.write_text('{"output_dir": "x", "optim": "adamw_torch_fused"}')
+    without.write_text('{"output_dir": "x"}')
+    parser = parser_of(run_clm)
+    assert optim_given(parser, [str(with_optim)]) and not optim_given(parser, [str(without)])

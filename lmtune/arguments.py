@@ -375,8 +375,7 @@ def choose_optimizer_for_xla(training_args, given):
             f"--optim adamw_torch_fused has no XLA kernel in torch {torch.__version__}: torch refuses XLA tensors at "
             "the first optimizer step; use --optim adamw_torch on XLA (TPUs)."
         )
-    training_args.optim = OptimizerNames.ADAMW_TORCH
-    logger.info("Training with --optim adamw_torch: transformers' default, adamw_torch_fused, has no XLA kernel.")
+    training_args.optim = OptimizerNames.ADAMW_TORCH  # said in the log by checks.note_xla_optimizer
 
 
 def optim_given(parser, argv):

@@ -16,6 +16,7 @@ import transformers
 from huggingface_hub.file_download import repo_folder_name
 from transformers import CONFIG_MAPPING, Trainer
 from transformers.integrations import get_reporting_integration_callbacks
+from transformers.training_args import OptimizerNames
 
 from lmtune.adapter_setup import check_adapter_config, read_adapter_interface
 from lmtune.arguments import ends_with_an_adapter, quantization_flag, quantizes, uses_adapter
@@ -43,6 +44,13 @@ def check_arguments(model_args, data_args, training_args, adapter_args, evaluati
     check_gradient_checkpointing_arguments(training_args, adapter_args)
     check_hub_is_reachable(model_args, data_args, adapter_args, training_args)
     warn_if_bf16_is_emulated(training_args)
+    note_xla_optimizer(training_args)
+
+
+def note_xla_optimizer(training_args):
+    # Said once logging is set up: parse_command_line chose adamw_torch where no --optim was given.
+    if training_args.device.type == "xla" and training_args.optim == OptimizerNames.ADAMW_TORCH:
+        logger.info("Training with --optim adamw_torch: transformers' default, adamw_torch_fused, has no XLA kernel.")
 
 
 def check_model_arguments(model_args):

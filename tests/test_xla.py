@@ -1,7 +1,7 @@
 """The torch_xla (TPU) path, on XLA's CPU device (PJRT_DEVICE=CPU): runs only where torch_xla is installed, such as
 the environment that tools/xla_check.sh builds; skipped elsewhere (CI).
 
-    /work/xla-venv/bin/python -m pytest tests/test_xla.py -n 0
+    .xla-venv/bin/python -m pytest tests/test_xla.py -n 0   (the environment tools/xla_check.sh builds)
 
 Each run goes through tools/xla_spawn.py in a process of its own, as a TPU run would through its spawner.
 """
@@ -21,7 +21,7 @@ from safetensors.torch import load_file  # noqa: E402
 import run_clm  # noqa: E402
 import run_mlm  # noqa: E402
 
-ADAPTER_FILES = ["adapter.safetensors", "adapter_config.json"]
+ADAPTER_FILES = ["adapter.safetensors", "adapter_config.json", "pytorch_adapter.bin"]
 FUSED_MESSAGE = "Training with --optim adamw_torch: transformers' default, adamw_torch_fused, has no XLA kernel."
 
 

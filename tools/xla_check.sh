@@ -3,7 +3,7 @@
 #
 #   tools/xla_check.sh [WORK_DIR]
 #
-# 1. builds a virtual environment with torch_xla (XLA_VENV, default /work/xla-venv; skipped if it already imports
+# 1. builds a virtual environment with torch_xla (XLA_VENV, default .xla-venv in the repository; skipped if it already imports
 #    torch_xla); PyPI's torch 2.9.0 for Linux is the CUDA build, with ~3 GB of nvidia-* wheels: ~7.6 GB in all;
 # 2. builds the tiny assets (tools/make_tiny_assets.py --models) in WORK_DIR (default: a new temporary folder);
 # 3. runs through tools/xla_spawn.py, as a TPU run would: an adapter training of each script, with transformers'
@@ -15,7 +15,7 @@
 set -euo pipefail
 
 REPO=$(cd "$(dirname "$0")/.." && pwd)
-XLA_VENV=${XLA_VENV:-/work/xla-venv}
+XLA_VENV=${XLA_VENV:-$REPO/.xla-venv}
 CPU_PYTHON=${CPU_PYTHON:-python}
 WORK=${1:-$(mktemp -d -t xla-check-XXXXXX)}
 mkdir -p "$WORK"
@@ -97,7 +97,7 @@ saved=$(grep -o "saved adapter: .*" "$WORK/clm.log") || fail "clm: no saved adap
 echo "ok: summary: $saved"
 check '
 for folder in (W / "clm", W / "clm/checkpoint-2", W / "clm/checkpoint-4"):
-    assert sorted(p.name for p in (folder / "clm").iterdir()) == ["adapter.safetensors", "adapter_config.json"], folder
+    assert sorted(p.name for p in (folder / "clm").iterdir()) == ["adapter.safetensors", "adapter_config.json", "pytorch_adapter.bin"], folder
     assert not list(folder.glob("model*.safetensors")) and not (folder / "config.json").exists(), folder
 ' "the adapter alone, in clm/clm/ and in each checkpoint's clm/; no model weights saved"
 check '
@@ -137,7 +137,7 @@ cpu_reload mlm-cpu run_mlm.py "$WORK/mlm/mlm" --model_name_or_path "$A/tiny-robe
     --validation_file "$A/code_validation.txt" --max_seq_length 32 --max_eval_samples 16
 check '
 a, b = metrics("mlm")["eval_loss"], metrics("mlm-cpu")["eval_loss"]
-assert sorted(p.name for p in (W / "mlm/mlm").iterdir()) == ["adapter.safetensors", "adapter_config.json"]
+assert sorted(p.name for p in (W / "mlm/mlm").iterdir()) == ["adapter.safetensors", "adapter_config.json", "pytorch_adapter.bin"]
 assert abs(a - b) < 1e-4, (a, b)
 print("   XLA %.6f, CPU %.6f" % (a, b))
 ' "run_mlm: adapter saved; CPU eval loss = XLA eval loss (within 1e-4)"
@@ -150,7 +150,7 @@ cpu_reload mlm-lines-cpu run_mlm.py "$WORK/mlm-lines/mlm" --model_name_or_path "
     --pad_to_max_length
 check '
 a, b = metrics("mlm-lines")["eval_loss"], metrics("mlm-lines-cpu")["eval_loss"]
-assert sorted(p.name for p in (W / "mlm-lines/mlm").iterdir()) == ["adapter.safetensors", "adapter_config.json"]
+assert sorted(p.name for p in (W / "mlm-lines/mlm").iterdir()) == ["adapter.safetensors", "adapter_config.json", "pytorch_adapter.bin"]
 assert abs(a - b) < 1e-4, (a, b)
 print("   XLA %.6f, CPU %.6f" % (a, b))
 ' "run_mlm --line_by_line --pad_to_max_length: adapter saved; CPU eval loss = XLA eval loss (within 1e-4)"

@@ -29,6 +29,7 @@ def main():
     parser.add_argument("script", type=Path, help="run_clm.py or run_mlm.py")
     parser.add_argument("script_args", nargs=argparse.REMAINDER)
     args = parser.parse_args()
+    sys.path.insert(0, str(args.script.resolve().parent))  # as `python script` does: lmtune/ beside it imports
     spec = importlib.util.spec_from_file_location(args.script.stem, args.script)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)

@@ -22,7 +22,7 @@ import pytest
 import torch
 from conftest import REPO, read_json, tiny_run_arguments
 from safetensors.torch import load_file
-from transformers import AutoTokenizer
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import run_clm
 import run_mlm
@@ -139,6 +139,18 @@ def test_a_signal_to_one_process_stops_both_at_the_same_step_with_one_checkpoint
     assert (checkpoint / "rng_state_0.pth").is_file() and (checkpoint / "rng_state_1.pth").is_file()
     assert read_json(checkpoint / "trainer_state.json")["global_step"] == step
     assert not (output_dir / "all_results.json").exists()
+
+
+def test_two_processes_merge_the_trained_lora_on_the_main_process_alone(assets, dropout_free, tmp_path):
+    output_dir = tmp_path / "out"
+    launch("one node", run_clm, arguments(run_clm, assets, dropout_free, output_dir, "adapter", "--adapter_config",
+                                          "lora", "--merge_adapter"), tmp_path)
+    merged = AutoModelForCausalLM.from_pretrained(output_dir / "merged")  # plain transformers, written once
+    assert not any(name.startswith("adapters") for name in merged.state_dict())
+    reloaded = run_clm.main(tiny_run_arguments(run_clm, assets, tmp_path / "merged-eval", "--do_eval",
+                                               "--per_device_eval_batch_size", "5", eval_samples=24,
+                                               model=output_dir / "merged"))
+    assert reloaded["eval_loss"] == pytest.approx(read_json(output_dir / "all_results.json")["eval_loss"], abs=1e-5)
 
 
 def test_fsdp_trains_and_saves_the_whole_adapter(assets, dropout_free, one_process, tmp_path):

@@ -197,7 +197,8 @@ def test_a_hub_name_in_the_local_cache_is_used_without_network(assets, tmp_path,
     (repository / "refs").mkdir()
     (repository / "refs" / "main").write_text("0123abcd")
     metrics = run_clm.main(tiny_run_arguments(run_clm, assets, tmp_path / "out", "--do_eval", "--model_name_or_path",
-                                              "user/tiny-gpt2", "--cache_dir", tmp_path / "cache"))
+                                              "user/tiny-gpt2", "--cache_dir", tmp_path / "cache", "--log_level",
+                                              "warning"))
     local = run_clm.main(tiny_run_arguments(run_clm, assets, tmp_path / "local", "--do_eval"))
     assert metrics["eval_loss"] == pytest.approx(local["eval_loss"], abs=1e-6)
     assert "using the local cache's copies of user/tiny-gpt2" in caplog.text

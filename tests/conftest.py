@@ -229,3 +229,13 @@ def small_file_system(folder, size):
         yield lambda new_size: subprocess.run(["mount", "-o", f"remount,size={new_size}", str(folder)], check=True)
     finally:
         subprocess.run(["umount", str(folder)], check=True)
+
+
+def assert_refused_in_one_line(script, argv, expected, capsys, output_dir):
+    """The script ends argv in one line naming expected, exit status 2, no traceback, and writes nothing."""
+    capsys.readouterr()
+    assert script.cli(argv) == 2
+    stderr = capsys.readouterr().err.strip().splitlines()
+    assert stderr[-1].startswith(f"{script.__name__}.py: error: ") and expected in stderr[-1], stderr[-1]
+    assert not any("Traceback" in line for line in stderr)
+    assert not output_dir.exists()  # refused before anything was trained or written

@@ -14,7 +14,7 @@ import sys
 import adapters
 import pytest
 import torch
-from conftest import TOKEN_IDS, adapter_model_logits, read_json
+from conftest import TOKEN_IDS, adapter_model_logits, assert_refused_in_one_line, read_json
 from conftest import tiny_run_arguments as arguments
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM, AutoModelForMaskedLM, TrainerCallback, trainer
@@ -107,14 +107,9 @@ def test_refusals_come_in_one_line_before_training(assets, tmp_path, capsys, mon
              "--adapter_config dora cannot be trained on a 4-bit quantized roberta model"),
         ]
     for script, extra, expected in cases:
-        name = script.__name__
         output_dir = tmp_path / "run"
-        capsys.readouterr()
-        assert script.cli(arguments(script, assets, output_dir, "--do_train", "--max_steps", "1", *extra)) == 2
-        stderr = capsys.readouterr().err.strip().splitlines()
-        assert stderr[-1].startswith(f"{name}.py: error: ") and expected in stderr[-1], stderr[-1]
-        assert not any("Traceback" in line for line in stderr)
-        assert not output_dir.exists()  # refused before anything was trained or written
+        argv = arguments(script, assets, output_dir, "--do_train", "--max_steps", "1", *extra)
+        assert_refused_in_one_line(script, argv, expected, capsys, output_dir)
     monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # as if it were not installed
     assert run_mlm.cli(arguments(run_mlm, assets, tmp_path / "none", "--load_in_4bit", "--train_adapter")) == 2
     assert capsys.readouterr().err.strip().endswith(

@@ -19,6 +19,7 @@ from adapters.loading import AdapterLoader
 from huggingface_hub import HfApi, ModelCardData
 from safetensors.torch import save_file
 from transformers import EarlyStoppingCallback, Trainer, TrainerCallback
+from transformers.trainer import OPTIMIZER_NAME, SCHEDULER_NAME
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from lmtune.adapter_setup import load_saved_adapter
@@ -63,7 +64,10 @@ class LanguageModelingTrainer(Trainer):
 
     def _load_optimizer_and_scheduler(self, checkpoint):
         try:
-            super()._load_optimizer_and_scheduler(checkpoint)
+            if checkpoint is not None and self.loads_states_to_indexed_cpu():
+                self.load_states_to_cpu(Path(checkpoint))
+            else:
+                super()._load_optimizer_and_scheduler(checkpoint)
         except (RuntimeError, OSError, EOFError, ValueError, pickle.UnpicklingError) as error:
             if not damaged_states(checkpoint):
                 raise  # the files are whole: something else failed, which this message would misname
@@ -72,6 +76,20 @@ class LanguageModelingTrainer(Trainer):
                 "delete that checkpoint to resume from the one before it, or pass --overwrite_output_dir to start "
                 "afresh."
             ) from None
+
+    def loads_states_to_indexed_cpu(self):
+        # In a run of several CPU processes, transformers maps the optimizer state to args.device, cpu:<rank>, which
+        # torch.load cannot restore to ("don't know how to restore data location ... cpu:0"): every resume failed.
+        device = self.args.device
+        return (device.type == "cpu" and device.index is not None and self.args.world_size > 1
+                and not (self.is_deepspeed_enabled or self.is_fsdp_enabled))
+
+    def load_states_to_cpu(self, checkpoint):
+        """The Trainer's own loading of the optimizer and scheduler states, mapped to the CPU."""
+        if (checkpoint / OPTIMIZER_NAME).is_file() and (checkpoint / SCHEDULER_NAME).is_file():
+            self.optimizer.load_state_dict(
+                torch.load(checkpoint / OPTIMIZER_NAME, map_location="cpu", weights_only=True))
+            self.lr_scheduler.load_state_dict(torch.load(checkpoint / SCHEDULER_NAME, weights_only=True))
 
     def _save_checkpoint(self, model, trial):
         # Written before trainer_state.json, which marks a checkpoint complete (see is_complete_checkpoint).

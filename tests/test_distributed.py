@@ -153,6 +153,22 @@ def test_two_processes_merge_the_trained_lora_on_the_main_process_alone(assets, 
     assert reloaded["eval_loss"] == pytest.approx(read_json(output_dir / "all_results.json")["eval_loss"], abs=1e-5)
 
 
+def test_two_cpu_processes_resume_from_a_checkpoint(assets, dropout_free, tmp_path):
+    # transformers maps the optimizer state to cpu:<rank> on CPU processes, which torch.load cannot restore to: the
+    # second launch ended in "don't know how to restore data location of torch.storage.UntypedStorage".
+    output_dir = tmp_path / "out"
+    for steps, name in (("2", "first"), ("4", "second")):
+        (tmp_path / name).mkdir()
+        launch("one node", run_clm, arguments(run_clm, assets, dropout_free, output_dir, "adapter", "--max_steps",
+                                              steps, "--save_strategy", "steps", "--save_steps", "2"),
+               tmp_path / name)
+    state = read_json(output_dir / "trainer_state.json")
+    assert state["global_step"] == 4 and last_complete_checkpoint(output_dir) == str(output_dir / "checkpoint-4")
+    steps = [entry["step"] for entry in state["log_history"] if "loss" in entry]
+    assert steps == [2, 4]  # step 2 from the first launch's checkpoint, then the second launch's two steps
+    assert read_json(output_dir / "all_results.json")["train_loss"] > 0
+
+
 def test_fsdp_trains_and_saves_the_whole_adapter(assets, dropout_free, one_process, tmp_path):
     # run_clm only: accelerate 1.15 cannot shard RoBERTa's LM head with FSDP2 (its bias is tied to lm_head.bias).
     output_dir = tmp_path / "out"

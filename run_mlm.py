@@ -39,7 +39,7 @@ from lmtune.data import apply_max_samples, group_texts, load_raw_datasets, progr
 from lmtune.errors import UsageError, run_from_command_line
 from lmtune.logs import setup_logging
 from lmtune.metrics import TokenMetrics, predictions_and_losses, token_losses
-from lmtune.modeling import example_length, load_config, load_model, load_tokenizer
+from lmtune.modeling import example_length, load_config, load_model, load_tokenizer, tokenizer_source
 from lmtune.output_dir import check_resume_checkpoint, claimed_output_dir, detect_last_checkpoint
 from lmtune.peft_export import write_peft_adapter
 from lmtune.reporting import plot_training_curves, print_summary, publish, write_merged_model, write_samples
@@ -105,8 +105,7 @@ def parse_arguments(argv):
 def load_tokenizer_with_mask(model_args):
     tokenizer = load_tokenizer(model_args)
     if tokenizer.mask_token is None:
-        flag, name = ("--tokenizer_name", model_args.tokenizer_name) if model_args.tokenizer_name else (
-            "--model_name_or_path", model_args.model_name_or_path)
+        flag, name = tokenizer_source(model_args)
         raise UsageError(
             f"{flag} {name} has no mask token, so it cannot train a masked language model; use the tokenizer of "
             "one such as roberta-base or bert-base-uncased (or run_clm.py for causal language modeling)."

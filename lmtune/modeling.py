@@ -49,9 +49,15 @@ def load_config(model_args):
     return config
 
 
+def tokenizer_source(model_args):
+    """The flag and the value that the tokenizer is loaded from."""
+    if model_args.tokenizer_name:
+        return "--tokenizer_name", model_args.tokenizer_name
+    return "--model_name_or_path", model_args.model_name_or_path
+
+
 def load_tokenizer(model_args):
-    flag, name = ("--tokenizer_name", model_args.tokenizer_name) if model_args.tokenizer_name else (
-        "--model_name_or_path", model_args.model_name_or_path)
+    flag, name = tokenizer_source(model_args)
     with reported_as_usage_error(flag, name, fix=FIX_MODEL_FOLDER):
         return AutoTokenizer.from_pretrained(name, use_fast=model_args.use_fast_tokenizer, **hub_options(model_args))
 

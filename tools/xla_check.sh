@@ -3,8 +3,8 @@
 #
 #   tools/xla_check.sh [WORK_DIR]
 #
-# 1. builds a virtual environment with torch_xla (XLA_VENV, default .xla-venv in the repository; skipped if it already imports
-#    torch_xla); PyPI's torch 2.9.0 for Linux is the CUDA build, with ~3 GB of nvidia-* wheels: ~7.6 GB in all;
+# 1. builds a virtual environment with torch_xla (XLA_VENV, default .xla-venv in the repository; skipped if it
+#    already imports torch_xla); PyPI's torch 2.9.0 for Linux is the CUDA build, with ~3 GB of nvidia-* wheels: ~7.6 GB in all;
 # 2. builds the tiny assets (tools/make_tiny_assets.py --models) in WORK_DIR (default: a new temporary folder);
 # 3. runs through tools/xla_spawn.py, as a TPU run would: an adapter training of each script, with transformers'
 #    default optimizer (no --optim) and checkpoints; a resume from a checkpoint; evaluations; run_mlm with
@@ -79,6 +79,17 @@ exec(sys.argv[2])
 EOF
     echo "ok: $2"
 }
+# same_on_cpu XLA_RUN CPU_RUN ADAPTER_NAME DESCRIPTION: the XLA run saved the adapter alone, and its reload in plain
+# CPU torch evaluates to the XLA run's eval loss (within 1e-4).
+same_on_cpu() {
+    check "
+a, b = metrics('$1')['eval_loss'], metrics('$2')['eval_loss']
+files = sorted(p.name for p in (W / '$1' / '$3').iterdir())
+assert files == ['adapter.safetensors', 'adapter_config.json', 'pytorch_adapter.bin'], files
+assert abs(a - b) < 1e-4, (a, b)
+print('   XLA %.6f, CPU %.6f' % (a, b))
+" "$4"
+}
 
 CLM=(--model_name_or_path "$A/tiny-gpt2-nodrop" --train_file "$A/code_train.txt" --validation_file "$A/code_validation.txt"
      --block_size 32 --per_device_train_batch_size 4 --max_train_samples 64 --max_eval_samples 16 --learning_rate 1e-2
@@ -97,7 +108,8 @@ saved=$(grep -o "saved adapter: .*" "$WORK/clm.log") || fail "clm: no saved adap
 echo "ok: summary: $saved"
 check '
 for folder in (W / "clm", W / "clm/checkpoint-2", W / "clm/checkpoint-4"):
-    assert sorted(p.name for p in (folder / "clm").iterdir()) == ["adapter.safetensors", "adapter_config.json", "pytorch_adapter.bin"], folder
+    files = sorted(p.name for p in (folder / "clm").iterdir())
+    assert files == ["adapter.safetensors", "adapter_config.json", "pytorch_adapter.bin"], folder
     assert not list(folder.glob("model*.safetensors")) and not (folder / "config.json").exists(), folder
 ' "the adapter alone, in clm/clm/ and in each checkpoint's clm/; no model weights saved"
 check '
@@ -125,22 +137,13 @@ print("   train_loss / eval_loss: uninterrupted %.6f / %.6f, resumed %.6f / %.6f
 step "run_clm: the saved adapter evaluated in plain CPU torch"
 cpu_reload clm-cpu run_clm.py "$WORK/clm/clm" --model_name_or_path "$A/tiny-gpt2-nodrop" \
     --validation_file "$A/code_validation.txt" --block_size 32 --max_eval_samples 16
-check '
-a, b = metrics("clm")["eval_loss"], metrics("clm-cpu")["eval_loss"]
-assert abs(a - b) < 1e-4, (a, b)
-print("   XLA %.6f, CPU %.6f" % (a, b))
-' "CPU eval loss of the reloaded adapter = XLA eval loss (within 1e-4)"
+same_on_cpu clm clm-cpu clm "CPU eval loss of the reloaded adapter = XLA eval loss (within 1e-4)"
 
 step "run_mlm: adapter training (grouped texts), evaluation, CPU reload"
 xla mlm run_mlm.py "${MLM[@]}" --do_train --do_eval --max_steps 4 --save_strategy no
 cpu_reload mlm-cpu run_mlm.py "$WORK/mlm/mlm" --model_name_or_path "$A/tiny-roberta" \
     --validation_file "$A/code_validation.txt" --max_seq_length 32 --max_eval_samples 16
-check '
-a, b = metrics("mlm")["eval_loss"], metrics("mlm-cpu")["eval_loss"]
-assert sorted(p.name for p in (W / "mlm/mlm").iterdir()) == ["adapter.safetensors", "adapter_config.json", "pytorch_adapter.bin"]
-assert abs(a - b) < 1e-4, (a, b)
-print("   XLA %.6f, CPU %.6f" % (a, b))
-' "run_mlm: adapter saved; CPU eval loss = XLA eval loss (within 1e-4)"
+same_on_cpu mlm mlm-cpu mlm "run_mlm: adapter saved; CPU eval loss = XLA eval loss (within 1e-4)"
 
 step "run_mlm: --line_by_line --pad_to_max_length, evaluation, CPU reload"
 xla mlm-lines run_mlm.py "${MLM[@]}" --line_by_line --pad_to_max_length --do_train --do_eval --max_steps 4 \
@@ -148,12 +151,8 @@ xla mlm-lines run_mlm.py "${MLM[@]}" --line_by_line --pad_to_max_length --do_tra
 cpu_reload mlm-lines-cpu run_mlm.py "$WORK/mlm-lines/mlm" --model_name_or_path "$A/tiny-roberta" \
     --validation_file "$A/code_validation.txt" --max_seq_length 32 --max_eval_samples 16 --line_by_line \
     --pad_to_max_length
-check '
-a, b = metrics("mlm-lines")["eval_loss"], metrics("mlm-lines-cpu")["eval_loss"]
-assert sorted(p.name for p in (W / "mlm-lines/mlm").iterdir()) == ["adapter.safetensors", "adapter_config.json", "pytorch_adapter.bin"]
-assert abs(a - b) < 1e-4, (a, b)
-print("   XLA %.6f, CPU %.6f" % (a, b))
-' "run_mlm --line_by_line --pad_to_max_length: adapter saved; CPU eval loss = XLA eval loss (within 1e-4)"
+same_on_cpu mlm-lines mlm-lines-cpu mlm \
+    "run_mlm --line_by_line --pad_to_max_length: adapter saved; CPU eval loss = XLA eval loss (within 1e-4)"
 
 step "run_clm: an explicit --optim adamw_torch_fused on XLA"
 status=0

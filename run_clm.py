@@ -23,18 +23,18 @@ import pyarrow.compute as pc
 import torch
 from transformers import AutoModelForCausalLM, default_data_collator, set_seed
 
-from lmtune.adapter_setup import check_adapter_options, check_adapter_trains, setup_adapter, with_prompt_labels
+from lmtune.adapter_setup import check_adapter_options, check_adapter_trains, setup_adapter
 from lmtune.arguments import AdapterGroupArguments, DataArguments, parse_command_line
 from lmtune.checks import check_arguments
-from lmtune.data import apply_max_samples, load_raw_datasets, token_stream, tokenize_and_group
-from lmtune.data import group_texts as group_texts_of_any_columns
+from lmtune.data import apply_max_samples, concatenate_and_cut, load_raw_datasets, token_stream, tokenize_and_group
 from lmtune.errors import UsageError, run_from_command_line
 from lmtune.logs import setup_logging
-from lmtune.metrics import SlidingWindow, TokenMetrics, predictions_and_losses
+from lmtune.metrics import SlidingWindow
 from lmtune.modeling import example_length, load_config, load_model, load_tokenizer
+from lmtune.objective import Objective
 from lmtune.output_dir import check_resume_checkpoint, claimed_output_dir, detect_last_checkpoint
 from lmtune.peft_export import write_peft_adapter
-from lmtune.reporting import plot_training_curves, print_summary, publish, write_merged_model, write_samples
+from lmtune.reporting import Written, plot_training_curves, print_summary, publish, write_merged_model, write_samples
 from lmtune.training import add_early_stopping, build_trainer, check_sharding, evaluate, train
 
 logger = logging.getLogger(__name__)
@@ -116,10 +116,10 @@ def preprocess(raw_datasets, tokenizer, block_size, data_args, training_args):
 
 
 def group_texts(batch, block_size):
-    """The blocks of lmtune.data.group_texts, with labels: the input ids (the model shifts them), except -100 for
-    each block's first token. No position predicts it, and the Trainer divides the summed loss by the number of
-    labels other than -100, which must be the number of predicted tokens."""
-    blocks = group_texts_of_any_columns(batch, block_size)
+    """The blocks of concatenate_and_cut, with labels: the input ids (the model shifts them), except -100 for each
+    block's first token. No position predicts it, and the Trainer divides the summed loss by the number of labels
+    other than -100, which must be the number of predicted tokens."""
+    blocks = concatenate_and_cut(batch, block_size)
     labels = pc.list_flatten(blocks.column("input_ids")).to_numpy().copy()
     labels[::block_size] = -100
     return blocks.append_column("labels", pa.FixedSizeListArray.from_arrays(labels, block_size))
@@ -140,35 +140,42 @@ def validation_windows(raw_datasets, tokenizer, block_size, data_args, training_
     return SlidingWindow(token_ids, block_size, data_args.eval_stride)
 
 
-def preprocess_logits_for_metrics(logits, labels):
-    # The logits at position i predict the token at position i + 1.
-    return predictions_and_losses(logits, labels, offset=1)
+class CausalLanguageModeling(Objective):
+    """Predict each token from the ones before it; samples continue a prompt greedily."""
 
+    script_name = Path(__file__).name
+    auto_class = AutoModelForCausalLM
+    loss_type = "ForCausalLM"
+    hub_task = "text-generation"
+    peft_task_type = "CAUSAL_LM"
+    label_offset = 1  # the logits at position i predict the token at position i + 1
+    length_flag = "--block_size"
 
-compute_metrics = TokenMetrics(offset=1)
+    def own_collator(self, tokenizer, data_args, training_args):
+        return default_data_collator
 
+    def sample_prompt(self, tokenizer, text, max_length):
+        """The prompt's last tokens that leave room to continue it within max_length; the record shows what is
+        kept."""
+        new_tokens = min(SAMPLE_NEW_TOKENS, max_length // 2)
+        # verbose=False: a prompt longer than the model's limit is expected, only its last tokens are kept.
+        ids = tokenizer(text, verbose=False)["input_ids"][-(max_length - new_tokens):]
+        return {"prompt": tokenizer.decode(ids, skip_special_tokens=True)}, (ids, new_tokens)
 
-def sample_prompt(tokenizer, text, max_length):
-    """The prompt's last tokens that leave room to continue it within max_length; the record shows what is kept."""
-    new_tokens = min(SAMPLE_NEW_TOKENS, max_length // 2)
-    # verbose=False: a prompt longer than the model's limit is expected, only its last tokens are kept.
-    ids = tokenizer(text, verbose=False)["input_ids"][-(max_length - new_tokens):]
-    return {"prompt": tokenizer.decode(ids, skip_special_tokens=True)}, (ids, new_tokens)
-
-
-def complete_sample(model, tokenizer, prompt):
-    ids, new_tokens = prompt
-    input_ids = torch.tensor([ids], device=model.device)
-    output = model.generate(
-        input_ids, attention_mask=torch.ones_like(input_ids), max_new_tokens=new_tokens, do_sample=False,
-        pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
-    )
-    return tokenizer.decode(output[0, len(ids):], skip_special_tokens=True)
+    def complete_sample(self, model, tokenizer, prompt):
+        ids, new_tokens = prompt
+        input_ids = torch.tensor([ids], device=model.device)
+        output = model.generate(
+            input_ids, attention_mask=torch.ones_like(input_ids), max_new_tokens=new_tokens, do_sample=False,
+            pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
+        )
+        return tokenizer.decode(output[0, len(ids):], skip_special_tokens=True)
 
 
 def main(argv=None):
     model_args, data_args, training_args, adapter_args, evaluation_args = parse_arguments(argv)
     setup_logging(training_args, logger)
+    objective = CausalLanguageModeling()
     check_arguments(model_args, data_args, training_args, adapter_args, evaluation_args)
     with claimed_output_dir(training_args):
         last_checkpoint = detect_last_checkpoint(training_args)
@@ -178,18 +185,17 @@ def main(argv=None):
         config = load_config(model_args)
         tokenizer = load_tokenizer(model_args)
         raw_datasets = load_raw_datasets(model_args, data_args, training_args)
-        model = load_model(model_args, config, tokenizer, AutoModelForCausalLM, loss_type="ForCausalLM")
+        model = load_model(model_args, config, tokenizer, objective.auto_class, objective.loss_type)
         setup_adapter(model, adapter_args)
         check_adapter_options(model, model_args, adapter_args)
-        data_collator = with_prompt_labels(default_data_collator, model)
+        data_collator = objective.make_collator(tokenizer, model, data_args, training_args)
         check_adapter_trains(model, tokenizer, data_collator, model_args, training_args, adapter_args)
 
         block_size = example_length("--block_size", data_args.block_size, tokenizer, config)
         sliding_window = validation_windows(raw_datasets, tokenizer, block_size, data_args, training_args)
         lm_datasets = preprocess(raw_datasets, tokenizer, block_size, data_args, training_args)
         train_dataset, eval_dataset = apply_max_samples(lm_datasets, data_args)
-        trainer = build_trainer(model, tokenizer, data_collator, train_dataset, eval_dataset, training_args,
-                                adapter_args, Path(__file__).name, compute_metrics, preprocess_logits_for_metrics)
+        trainer = build_trainer(objective, model, tokenizer, train_dataset, eval_dataset, training_args, adapter_args)
         add_early_stopping(trainer, evaluation_args)
         check_sharding(trainer, adapter_args)
 
@@ -198,13 +204,12 @@ def main(argv=None):
             metrics.update(train(trainer, train_dataset, last_checkpoint, training_args))
         if training_args.do_eval:
             metrics.update(evaluate(trainer, eval_dataset, sliding_window))
-        samples = write_samples(trainer, tokenizer, raw_datasets, block_size, evaluation_args, training_args,
-                                adapter_args, sample_prompt, complete_sample)
+        samples = write_samples(objective, trainer, tokenizer, raw_datasets, block_size, evaluation_args, adapter_args)
         merged = write_merged_model(trainer.model, tokenizer, model_args, training_args, adapter_args)
-        peft = write_peft_adapter(trainer.model, model_args, training_args, adapter_args, task_type="CAUSAL_LM")
-        publish(trainer, model_args, data_args, training_args, task="text-generation")
+        peft = write_peft_adapter(objective, trainer.model, model_args, training_args, adapter_args)
+        publish(objective, trainer, model_args, data_args)
         curves = plot_training_curves(trainer, training_args)
-        print_summary(trainer, metrics, block_size, curves, samples, merged, peft, training_args, adapter_args)
+        print_summary(trainer, metrics, block_size, Written(samples, merged, peft, curves), adapter_args)
     return metrics
 
 

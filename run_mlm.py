@@ -17,32 +17,28 @@ import logging
 import math
 import sys
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Optional
 
 import datasets
 import pyarrow.compute as pc
 import torch
-from transformers import (
-    AutoModelForMaskedLM,
-    DataCollatorForLanguageModeling,
-    TrainerCallback,
-    default_data_collator,
-    set_seed,
-)
+from transformers import AutoModelForMaskedLM, PreTrainedTokenizerBase, TrainerCallback, default_data_collator, set_seed
 from transformers.data.data_collator import pad_without_fast_tokenizer_warning
 
-from lmtune.adapter_setup import check_adapter_options, check_adapter_trains, setup_adapter, with_prompt_labels
+from lmtune.adapter_setup import check_adapter_options, check_adapter_trains, setup_adapter
 from lmtune.arguments import AdapterGroupArguments, DataArguments, parse_command_line
 from lmtune.checks import check_arguments
-from lmtune.data import apply_max_samples, group_texts, load_raw_datasets, progress_bar, tokenize_and_group
+from lmtune.data import apply_max_samples, concatenate_and_cut, load_raw_datasets, progress_bar, tokenize_and_group
 from lmtune.errors import UsageError, run_from_command_line
 from lmtune.logs import setup_logging
-from lmtune.metrics import TokenMetrics, predictions_and_losses, token_losses
+from lmtune.metrics import token_losses
 from lmtune.modeling import example_length, load_config, load_model, load_tokenizer, tokenizer_source
+from lmtune.objective import Objective, with_prompt_labels
 from lmtune.output_dir import check_resume_checkpoint, claimed_output_dir, detect_last_checkpoint
 from lmtune.peft_export import write_peft_adapter
-from lmtune.reporting import plot_training_curves, print_summary, publish, write_merged_model, write_samples
+from lmtune.reporting import Written, plot_training_curves, print_summary, publish, write_merged_model, write_samples
 from lmtune.training import add_early_stopping, build_trainer, check_sharding, evaluate, train
 
 logger = logging.getLogger(__name__)
@@ -130,14 +126,14 @@ def preprocess(raw_datasets, tokenizer, max_seq_length, data_args, training_args
         padding = "max_length" if data_args.pad_to_max_length else False
         tokenizer_kwargs = {"padding": padding, "truncation": True, "max_length": max_seq_length}
     else:
-        tokenizer_kwargs = {"return_attention_mask": False}  # group_texts makes them
+        tokenizer_kwargs = {"return_attention_mask": False}  # concatenate_and_cut makes them
 
     def tokenize(examples):
         # verbose=False: texts longer than the model's limit are expected, grouping cuts them into blocks afterwards.
         # The special-tokens mask keeps <s>, </s> and padding out of the masking.
         return tokenizer(examples["text"], return_special_tokens_mask=True, verbose=False, **tokenizer_kwargs)
 
-    return tokenize_and_group(raw_datasets, tokenize, None if data_args.line_by_line else group_texts,
+    return tokenize_and_group(raw_datasets, tokenize, None if data_args.line_by_line else concatenate_and_cut,
                               max_seq_length, data_args, training_args,
                               fix="pass a smaller --max_seq_length, --line_by_line, or more data")
 
@@ -153,19 +149,35 @@ def loss_per_masked_token(outputs, labels, num_items_in_batch=None):
     return token_losses(logits, labels).sum() / count
 
 
-class MaskingCollator(DataCollatorForLanguageModeling, TrainerCallback):
+def mask_tokens(ids, special, probability, tokenizer, generator):
+    """BERT's masking of a row of token ids, drawn from generator as transformers' DataCollatorForLanguageModeling
+    draws it: each token but the special ones is chosen with probability; of those, 80% become the mask token, 10% a
+    random token and 10% stay. The masked ids, and the labels: the chosen tokens' ids, -100 elsewhere."""
+    chosen = torch.bernoulli(torch.full(ids.shape, probability).masked_fill_(special, 0.0), generator=generator).bool()
+    labels = ids.masked_fill(~chosen, -100)
+    masked = ids.clone()
+    replaced = torch.bernoulli(torch.full(ids.shape, 0.8), generator=generator).bool() & chosen
+    masked[replaced] = tokenizer.mask_token_id
+    randomized = torch.bernoulli(torch.full(ids.shape, 0.5), generator=generator).bool() & chosen & ~replaced
+    random_words = torch.randint(len(tokenizer), ids.shape, dtype=torch.long, generator=generator)
+    masked[randomized] = random_words[randomized]
+    return masked, labels
+
+
+@dataclass
+class MaskingCollator(TrainerCallback):
     """Masks training examples afresh in every epoch; validation examples, masked once beforehand, are only padded.
 
-    Each training example's masks come from a generator seeded by the run's seed, the epoch and the example's own
-    tokens (padding left out), never from the global random state nor from the rest of the batch: the Trainer restores
-    the global random state on resume only after it has collated the first batch, data loader workers each have
-    their own, and the rest of the batch changes with the batch size and the number of processes. So a run masks
-    the same whether resumed or not, on any number of processes and with any batch size. (Identical examples are
-    masked alike within an epoch.)
-    """
+    An example's masks come from its own generator, seeded by the run's seed, the epoch and the example's tokens:
+    never from the global random state, which a resumed run restores only after its first batch, nor from the rest
+    of the batch, which changes with the batch size and the number of processes."""
+
+    tokenizer: PreTrainedTokenizerBase
+    mlm_probability: float = 0.15
+    pad_to_multiple_of: Optional[int] = None
+    seed: int = 42
 
     def __post_init__(self):
-        super().__post_init__()
         # In shared memory: data loader workers, persistent ones too, read the epoch the Trainer sets in this process.
         self.shared_epoch = torch.zeros(1, dtype=torch.long).share_memory_()
 
@@ -177,7 +189,7 @@ class MaskingCollator(DataCollatorForLanguageModeling, TrainerCallback):
         # state.epoch counts fractions of an epoch, restored on resume.
         self.shared_epoch[0] = math.floor(state.epoch or 0)
 
-    def torch_call(self, examples):
+    def __call__(self, examples):
         if "labels" not in examples[0]:
             examples = [self.mask_example(example) for example in examples]
         labels = [example["labels"] for example in examples]
@@ -197,13 +209,16 @@ class MaskingCollator(DataCollatorForLanguageModeling, TrainerCallback):
 
     def mask_example(self, example):
         start, end = own_tokens(example)
-        salt = f"{self.seed}/{self.epoch}".encode()
         tokens = torch.tensor(example["input_ids"][start:end], dtype=torch.long)
+        salt = f"{self.seed}/{self.epoch}".encode()
         digest = hashlib.blake2b(tokens.numpy().tobytes(), digest_size=8, key=salt).digest()
-        self.generator = torch.Generator().manual_seed(int.from_bytes(digest, "little"))
+        generator = torch.Generator().manual_seed(int.from_bytes(digest, "little"))
         # The tokenizer tells the special tokens, which are never masked: the Trainer has dropped the
         # special_tokens_mask column, an input the model does not take.
-        input_ids, labels = mask_own_tokens(self, example, start, end)
+        special = self.tokenizer.get_special_tokens_mask(tokens.tolist(), already_has_special_tokens=True)
+        input_ids, labels = mask_own_tokens(example, start, end, special,
+                                            partial(mask_tokens, probability=self.mlm_probability,
+                                                    tokenizer=self.tokenizer, generator=generator))
         inputs = {key: value for key, value in example.items() if key != "special_tokens_mask"}
         return {**inputs, "input_ids": input_ids, "labels": labels}
 
@@ -218,39 +233,26 @@ def own_tokens(example):
     return start, start + sum(attended)
 
 
-def mask_own_tokens(masker, example, start, end, special_tokens_mask=None):
-    """masker's masks of the tokens start to end of an example: its input ids and its labels, -100 elsewhere."""
+def mask_own_tokens(example, start, end, special, mask):
+    """The masks of the tokens start to end of an example, drawn by mask(ids, special) given their special-tokens
+    mask: its input ids, and its labels, -100 elsewhere."""
     ids = list(example["input_ids"])
-    special = None if special_tokens_mask is None else torch.tensor([special_tokens_mask[start:end]])
-    masked, labels = masker.torch_mask_tokens(torch.tensor([ids[start:end]]), special_tokens_mask=special)
-    padding_after = [-100] * (len(ids) - end)
-    return ids[:start] + masked[0].tolist() + ids[end:], [-100] * start + labels[0].tolist() + padding_after
-
-
-def build_data_collator(tokenizer, model, data_args, training_args):
-    # Batches padded to a multiple of 8 let fp16/bf16 matrix kernels run at full speed.
-    pad_to_multiple_of_8 = (
-        data_args.line_by_line and not data_args.pad_to_max_length and (training_args.fp16 or training_args.bf16)
-    )
-    masking_collator = MaskingCollator(
-        tokenizer=tokenizer,
-        mlm_probability=data_args.mlm_probability,
-        pad_to_multiple_of=8 if pad_to_multiple_of_8 else None,
-        seed=training_args.seed,
-    )
-    return with_prompt_labels(masking_collator, model)
+    masked, labels = mask(torch.tensor(ids[start:end]), torch.tensor(special, dtype=torch.bool))
+    return ids[:start] + masked.tolist() + ids[end:], [-100] * start + labels.tolist() + [-100] * (len(ids) - end)
 
 
 def mask_eval_dataset(eval_dataset, tokenizer, data_args, seed):
     """Mask the validation examples once, identically for every run with this seed, so eval losses compare."""
     if eval_dataset is None:
         return None
-    masker = DataCollatorForLanguageModeling(tokenizer, mlm_probability=data_args.mlm_probability)
 
     def mask(example, index):
         # A generator per example, seeded by its position: the masks depend on neither batching nor workers.
-        masker.generator = torch.Generator().manual_seed(seed * 1_000_003 + index)
-        input_ids, labels = mask_own_tokens(masker, example, *own_tokens(example), example["special_tokens_mask"])
+        generator = torch.Generator().manual_seed(seed * 1_000_003 + index)
+        start, end = own_tokens(example)
+        input_ids, labels = mask_own_tokens(
+            example, start, end, example["special_tokens_mask"][start:end],
+            partial(mask_tokens, probability=data_args.mlm_probability, tokenizer=tokenizer, generator=generator))
         return {"input_ids": input_ids, "labels": labels}
 
     masked = eval_dataset.map(
@@ -266,58 +268,76 @@ def mask_eval_dataset(eval_dataset, tokenizer, data_args, seed):
     return masked
 
 
-def preprocess_logits_for_metrics(logits, labels):
-    return predictions_and_losses(logits, labels, offset=0)
+class MaskedLanguageModeling(Objective):
+    """Predict masked tokens from the text around them; samples fill a prompt's masks with the top predictions."""
 
+    script_name = Path(__file__).name
+    auto_class = AutoModelForMaskedLM
+    loss_type = "ForMaskedLM"
+    hub_task = "fill-mask"
+    peft_task_type = None  # PEFT has no masked-LM task type: it loads the adapter as a plain PeftModel
+    label_offset = 0  # only the masked positions carry a label; every other position is -100
+    length_flag = "--max_seq_length"
 
-# Only the masked positions carry a label; every other position is -100.
-compute_metrics = TokenMetrics(offset=0)
+    def own_collator(self, tokenizer, data_args, training_args):
+        # Batches padded to a multiple of 8 let fp16/bf16 matrix kernels run at full speed.
+        pad_to_multiple_of_8 = (data_args.line_by_line and not data_args.pad_to_max_length
+                                and (training_args.fp16 or training_args.bf16))
+        self.masking_collator = MaskingCollator(tokenizer=tokenizer, mlm_probability=data_args.mlm_probability,
+                                                pad_to_multiple_of=8 if pad_to_multiple_of_8 else None,
+                                                seed=training_args.seed)
+        return self.masking_collator
 
+    def compute_loss_func(self, training_args):
+        # The Trainer would skip --label_smoothing_factor for a compute_loss_func: a smoothed run keeps its loss.
+        return None if training_args.label_smoothing_factor else loss_per_masked_token
 
-def sample_prompt(tokenizer, text, max_length):
-    """The prompt's own mask tokens to fill, or else evenly spaced tokens of it, masked; the record shows the
-    masked prompt and, where the script masked it, the original text."""
-    ids = tokenizer(text, truncation=True, max_length=max_length)["input_ids"]
-    masked = [index for index, token in enumerate(ids) if token == tokenizer.mask_token_id]
-    original = None
-    if not masked:
-        words = [index for index, token in enumerate(ids) if token not in tokenizer.all_special_ids]
-        count = max(1, round(len(words) * SAMPLE_MASKED_SHARE))
-        step = max(1, len(words) // count)
-        masked = words[step // 2::step][:count]
-        original = tokenizer.decode(ids, skip_special_tokens=True)
-        ids = [tokenizer.mask_token_id if index in masked else token for index, token in enumerate(ids)]
-    shown = [token for token in ids if token == tokenizer.mask_token_id or token not in tokenizer.all_special_ids]
-    record = {"prompt": tokenizer.decode(shown)}
-    if original is not None:
-        record["expected"] = original
-    return record, (ids, masked)
+    def trainer_callbacks(self):
+        # The masking collator learns the epoch from the Trainer, so that every epoch masks the text differently.
+        return [self.masking_collator]
 
+    def tokens_per_example(self, length, data_args):
+        # Line-by-line examples are padded per batch, so only fixed-length examples give an exact token count.
+        return length if not data_args.line_by_line or data_args.pad_to_max_length else None
 
-def complete_sample(model, tokenizer, prompt):
-    """The prompt with each mask replaced by the model's top prediction."""
-    ids, masked = prompt
-    labels = [token if index in masked else -100 for index, token in enumerate(ids)]
-    # Prompt tuning puts virtual tokens before the text; its collator moves the labels to where the logits are.
-    collate = with_prompt_labels(default_data_collator, model)
-    batch = collate([{"input_ids": ids, "attention_mask": [1] * len(ids), "labels": labels}])
-    at_masks = batch.pop("labels")[0] != -100
-    logits = model(**{name: tensor.to(model.device) for name, tensor in batch.items()}).logits
-    filled = list(ids)
-    for index, token in zip(masked, logits[0, at_masks].argmax(dim=-1).tolist()):
-        filled[index] = token
-    return tokenizer.decode(filled, skip_special_tokens=True)
+    def sample_prompt(self, tokenizer, text, max_length):
+        """The prompt's own mask tokens to fill, or else evenly spaced tokens of it, masked; the record shows the
+        masked prompt and, where the script masked it, the original text."""
+        ids = tokenizer(text, truncation=True, max_length=max_length)["input_ids"]
+        masked = [index for index, token in enumerate(ids) if token == tokenizer.mask_token_id]
+        original = None
+        if not masked:
+            words = [index for index, token in enumerate(ids) if token not in tokenizer.all_special_ids]
+            count = max(1, round(len(words) * SAMPLE_MASKED_SHARE))
+            step = max(1, len(words) // count)
+            masked = words[step // 2::step][:count]
+            original = tokenizer.decode(ids, skip_special_tokens=True)
+            ids = [tokenizer.mask_token_id if index in masked else token for index, token in enumerate(ids)]
+        shown = [token for token in ids if token == tokenizer.mask_token_id or token not in tokenizer.all_special_ids]
+        record = {"prompt": tokenizer.decode(shown)}
+        if original is not None:
+            record["expected"] = original
+        return record, (ids, masked)
 
-
-def tokens_per_example(max_seq_length, data_args):
-    # Line-by-line examples are padded per batch, so only fixed-length examples give an exact token count.
-    fixed_length = not data_args.line_by_line or data_args.pad_to_max_length
-    return max_seq_length if fixed_length else None
+    def complete_sample(self, model, tokenizer, prompt):
+        """The prompt with each mask replaced by the model's top prediction."""
+        ids, masked = prompt
+        labels = [token if index in masked else -100 for index, token in enumerate(ids)]
+        # Prompt tuning puts virtual tokens before the text; its collator moves the labels to where the logits are.
+        collate = with_prompt_labels(default_data_collator, model)
+        batch = collate([{"input_ids": ids, "attention_mask": [1] * len(ids), "labels": labels}])
+        at_masks = batch.pop("labels")[0] != -100
+        logits = model(**{name: tensor.to(model.device) for name, tensor in batch.items()}).logits
+        filled = list(ids)
+        for index, token in zip(masked, logits[0, at_masks].argmax(dim=-1).tolist()):
+            filled[index] = token
+        return tokenizer.decode(filled, skip_special_tokens=True)
 
 
 def main(argv=None):
     model_args, data_args, training_args, adapter_args, evaluation_args = parse_arguments(argv)
     setup_logging(training_args, logger)
+    objective = MaskedLanguageModeling()
     check_arguments(model_args, data_args, training_args, adapter_args, evaluation_args)
     with claimed_output_dir(training_args):
         last_checkpoint = detect_last_checkpoint(training_args)
@@ -327,24 +347,17 @@ def main(argv=None):
         config = load_config(model_args)
         tokenizer = load_tokenizer_with_mask(model_args)
         raw_datasets = load_raw_datasets(model_args, data_args, training_args)
-        model = load_model(model_args, config, tokenizer, AutoModelForMaskedLM, loss_type="ForMaskedLM")
+        model = load_model(model_args, config, tokenizer, objective.auto_class, objective.loss_type)
         setup_adapter(model, adapter_args)
         check_adapter_options(model, model_args, adapter_args)
-        data_collator = build_data_collator(tokenizer, model, data_args, training_args)
+        data_collator = objective.make_collator(tokenizer, model, data_args, training_args)
         check_adapter_trains(model, tokenizer, data_collator, model_args, training_args, adapter_args)
 
         max_seq_length = choose_max_seq_length(data_args, tokenizer, config)
         lm_datasets = preprocess(raw_datasets, tokenizer, max_seq_length, data_args, training_args)
         train_dataset, eval_dataset = apply_max_samples(lm_datasets, data_args)
         eval_dataset = mask_eval_dataset(eval_dataset, tokenizer, data_args, training_args.seed)
-        trainer = build_trainer(
-            model, tokenizer, data_collator, train_dataset, eval_dataset, training_args, adapter_args,
-            Path(__file__).name, compute_metrics, preprocess_logits_for_metrics,
-            # The Trainer would skip --label_smoothing_factor for a compute_loss_func: a smoothed run keeps its loss.
-            compute_loss_func=None if training_args.label_smoothing_factor else loss_per_masked_token,
-            # The masking collator learns the epoch from the Trainer, so that every epoch masks the text differently.
-            callbacks=[getattr(data_collator, "collator", data_collator)],
-        )
+        trainer = build_trainer(objective, model, tokenizer, train_dataset, eval_dataset, training_args, adapter_args)
         add_early_stopping(trainer, evaluation_args)
         check_sharding(trainer, adapter_args)
 
@@ -353,15 +366,14 @@ def main(argv=None):
             metrics.update(train(trainer, train_dataset, last_checkpoint, training_args))
         if training_args.do_eval:
             metrics.update(evaluate(trainer, eval_dataset))
-        samples = write_samples(trainer, tokenizer, raw_datasets, max_seq_length, evaluation_args, training_args,
-                                adapter_args, sample_prompt, complete_sample)
+        samples = write_samples(objective, trainer, tokenizer, raw_datasets, max_seq_length, evaluation_args,
+                                adapter_args)
         merged = write_merged_model(trainer.model, tokenizer, model_args, training_args, adapter_args)
-        # PEFT has no masked-LM task type: without one, PEFT loads the adapter as a plain PeftModel.
-        peft = write_peft_adapter(trainer.model, model_args, training_args, adapter_args, task_type=None)
-        publish(trainer, model_args, data_args, training_args, task="fill-mask")
+        peft = write_peft_adapter(objective, trainer.model, model_args, training_args, adapter_args)
+        publish(objective, trainer, model_args, data_args)
         curves = plot_training_curves(trainer, training_args)
-        print_summary(trainer, metrics, tokens_per_example(max_seq_length, data_args), curves, samples, merged, peft,
-                      training_args, adapter_args)
+        print_summary(trainer, metrics, objective.tokens_per_example(max_seq_length, data_args),
+                      Written(samples, merged, peft, curves), adapter_args)
     return metrics
 
 

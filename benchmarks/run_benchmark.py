@@ -357,7 +357,9 @@ def measure_grouping(name, tokenizer, texts, block, work):
     chaining_dataset = load_from_disk(work / f"tokenized-{name}")
     script_dataset = chaining_dataset.remove_columns("attention_mask").with_format("arrow")
     tables = [script_dataset[i:i + BATCH_TEXTS] for i in range(0, len(script_dataset), BATCH_TEXTS)]
-    group_texts, chaining = SCRIPTS[name].group_texts, partial(chained_group_texts, with_labels=with_labels)
+    # run_clm's group_texts adds labels to the blocks that run_mlm cuts with lmtune.data's concatenate_and_cut.
+    group_texts = getattr(SCRIPTS[name], "group_texts" if with_labels else "concatenate_and_cut")
+    chaining = partial(chained_group_texts, with_labels=with_labels)
     for table, batch in zip(tables, lists):
         ours = group_texts(table, block)
         if {key: ours.column(key).to_pylist() for key in ours.column_names} != chaining(batch, block):

@@ -197,7 +197,7 @@ def tokenize_and_group(raw_datasets, tokenize, group_texts, block_size, data_arg
     return lm_datasets
 
 
-def group_texts(batch, block_size):
+def concatenate_and_cut(batch, block_size):
     """Concatenate a batch of tokenized texts (an Arrow table) and cut it into blocks of block_size tokens.
 
     Each batch is cut on its own, dropping at most block_size - 1 tokens: the blocks of the list-chaining

@@ -59,14 +59,14 @@ def check_peft_export(model, adapter_args):
         ) from None
 
 
-def write_peft_adapter(model, model_args, training_args, adapter_args, task_type):
-    """With --export_peft, write <output_dir>/peft/: the adapter in PEFT's layout, on --model_name_or_path as its base.
-    The objective names PEFT's task type: CAUSAL_LM, or None for a masked LM."""
+def write_peft_adapter(objective, model, model_args, training_args, adapter_args):
+    """With --export_peft, write <output_dir>/peft/: the adapter in PEFT's layout, on --model_name_or_path as its base,
+    of the objective's PEFT task type."""
     if not (adapter_args.export_peft and training_args.should_save):
         return None
     revision = model_args.model_revision if model_args.model_revision != "main" else None
     return export_peft(model, adapter_args.adapter_name, Path(training_args.output_dir) / "peft",
-                       model_args.model_name_or_path, task_type, revision=revision)
+                       model_args.model_name_or_path, objective.peft_task_type, revision=revision)
 
 
 def export_peft(model, adapter_name, folder, base_model_name_or_path, task_type, revision=None):

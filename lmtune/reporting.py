@@ -9,6 +9,7 @@ import os
 import tempfile
 from dataclasses import replace
 from pathlib import Path
+from typing import NamedTuple, Optional
 
 import torch
 from adapters.loading import AdapterLoader
@@ -29,13 +30,10 @@ logger = logging.getLogger(__name__)
 SAMPLE_PROMPT_TOKENS = 16
 
 
-def write_samples(trainer, tokenizer, raw_datasets, max_length, evaluation_args, training_args, adapter_args,
-                  sample_prompt, complete_sample):
+def write_samples(objective, trainer, tokenizer, raw_datasets, max_length, evaluation_args, adapter_args):
     """Show what the model now does on a few prompts, the base model (adapters off) beside the adapted one, and
     write them to <output_dir>/samples.jsonl. Greedy and without dropout: the same model gives the same samples.
-
-    The objective makes each prompt, sample_prompt(tokenizer, text, max_length) -> (record, prompt), and the
-    model's answer to it, complete_sample(model, tokenizer, prompt) -> text."""
+    The objective makes each prompt and the model's answer to it."""
     if evaluation_args.num_samples == 0:
         return None
     if sharded(trainer.model):  # generating on the main process alone would wait for the others forever
@@ -48,20 +46,20 @@ def write_samples(trainer, tokenizer, raw_datasets, max_length, evaluation_args,
     if not texts:
         return None
     model = trainer.model
-    records, prompts = zip(*(sample_prompt(tokenizer, text, max_length) for text in texts))
+    records, prompts = zip(*(objective.sample_prompt(tokenizer, text, max_length) for text in texts))
     was_training = model.training
     model.eval()
     with torch.no_grad():
         if uses_adapter(adapter_args):
             with adapters_off(model):
-                outputs = {"base": [complete_sample(model, tokenizer, prompt) for prompt in prompts]}
-            outputs["adapted"] = [complete_sample(model, tokenizer, prompt) for prompt in prompts]
+                outputs = {"base": [objective.complete_sample(model, tokenizer, prompt) for prompt in prompts]}
+            outputs["adapted"] = [objective.complete_sample(model, tokenizer, prompt) for prompt in prompts]
         else:
-            outputs = {"output": [complete_sample(model, tokenizer, prompt) for prompt in prompts]}
+            outputs = {"output": [objective.complete_sample(model, tokenizer, prompt) for prompt in prompts]}
     model.train(was_training)
     samples = [{**record, **{key: values[index] for key, values in outputs.items()}}
                for index, record in enumerate(records)]
-    path = Path(training_args.output_dir) / "samples.jsonl"
+    path = Path(trainer.args.output_dir) / "samples.jsonl"
     path.write_text("".join(json.dumps(sample, ensure_ascii=False) + "\n" for sample in samples))
     return path, samples
 
@@ -153,13 +151,14 @@ def plain_class(model):
     return next(cls for cls in type(model).__mro__ if cls.__module__.startswith("transformers."))
 
 
-def publish(trainer, model_args, data_args, training_args, task):
-    """Write a model card for the task (a hub pipeline tag), and push to the hub when --push_to_hub asks for it."""
-    card = {"finetuned_from": model_args.model_name_or_path, "tasks": task}
+def publish(objective, trainer, model_args, data_args):
+    """Write a model card for the objective's task (a hub pipeline tag), and push to the hub when --push_to_hub asks
+    for it."""
+    card = {"finetuned_from": model_args.model_name_or_path, "tasks": objective.hub_task}
     if data_args.dataset_name is not None:
         card["dataset_tags"] = data_args.dataset_name
         card["dataset"] = " ".join(filter(None, [data_args.dataset_name, data_args.dataset_config_name]))
-    if training_args.push_to_hub:
+    if trainer.args.push_to_hub:
         trainer.push_to_hub(**card)
     else:
         trainer.create_model_card(**card)
@@ -220,10 +219,21 @@ def plot_training_curves(trainer, training_args):
     return str(path)
 
 
-def print_summary(trainer, metrics, tokens_per_example, curves, samples, merged, peft, training_args, adapter_args):
+class Written(NamedTuple):
+    """What a run wrote besides the Trainer's files, for the summary: each None where it wrote none."""
+
+    samples: Optional[tuple]  # (path, records)
+    merged: Optional[Path]
+    peft: Optional[Path]
+    curves: Optional[str]  # the plot's path, or why there is none
+
+
+def print_summary(trainer, metrics, tokens_per_example, written, adapter_args):
     """End the run with what a user looks for first: what was trained, how fast, how well, and where it went."""
     if not trainer.is_world_process_zero():
         return
+    training_args = trainer.args
+    samples, merged, peft, curves = written
     if training_args.do_train:
         lines = training_summary(trainer.model, metrics, tokens_per_example, training_args, adapter_args)
     else:

@@ -370,24 +370,26 @@ def adapter_card(trainer, card):
     )
 
 
-def build_trainer(model, tokenizer, data_collator, train_dataset, eval_dataset, training_args, adapter_args,
-                  script_name, compute_metrics, preprocess_logits_for_metrics, **trainer_kwargs):
-    """The Trainer of the run, with the objective's metrics (and its other Trainer arguments in trainer_kwargs)."""
-    trainer_class = LanguageModelingTrainer
+def build_trainer(objective, model, tokenizer, train_dataset, eval_dataset, training_args, adapter_args):
+    """The Trainer of the run, with the objective's collator (made by objective.make_collator), loss, metrics and
+    callbacks."""
+    trainer_class, adapter_kwargs = LanguageModelingTrainer, {}
     # Also for an adapter that is only evaluated: the Trainer refuses a quantized model without one.
     if uses_adapter(adapter_args):
         trainer_class = AdapterOnlyTrainer
-        trainer_kwargs.update(adapter_name=adapter_args.adapter_name, script_name=script_name)
+        adapter_kwargs = {"adapter_name": adapter_args.adapter_name, "script_name": objective.script_name}
     return trainer_class(
         model=model,
         args=training_args,
         train_dataset=train_dataset,
         eval_dataset=eval_dataset,
         processing_class=tokenizer,
-        data_collator=data_collator,
-        compute_metrics=compute_metrics if training_args.do_eval else None,
-        preprocess_logits_for_metrics=preprocess_logits_for_metrics if training_args.do_eval else None,
-        **trainer_kwargs,
+        data_collator=objective.collator,
+        compute_metrics=objective.compute_metrics if training_args.do_eval else None,
+        preprocess_logits_for_metrics=objective.preprocess_logits_for_metrics if training_args.do_eval else None,
+        compute_loss_func=objective.compute_loss_func(training_args),
+        callbacks=objective.trainer_callbacks(),
+        **adapter_kwargs,
     )
 
 

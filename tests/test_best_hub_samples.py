@@ -156,7 +156,7 @@ def read_samples(output_dir):
 
 def test_a_prompt_with_a_mask_token_is_filled_there(assets):
     tokenizer = AutoTokenizer.from_pretrained(assets.roberta_tokenizer)
-    record, (ids, masked) = run_mlm.sample_prompt(tokenizer, "Return the <mask> of items.", 64)
+    record, (ids, masked) = run_mlm.MaskedLanguageModeling().sample_prompt(tokenizer, "Return the <mask> of items.", 64)
     assert record == {"prompt": "Return the<mask> of items."}  # no "expected": the user's mask has no answer
     assert [ids[index] for index in masked] == [tokenizer.mask_token_id]
     assert ids.count(tokenizer.mask_token_id) == 1

@@ -251,7 +251,7 @@ def test_accuracy_and_loss_compare_each_prediction_with_the_next_token():
     labels = np.array([[-100, 6, 7, 8]])  # a block's first token is predicted by no position
     predictions = np.array([[6, 7, 0, 1]])  # right for tokens 6 and 7, wrong for 8; the last has no target
     losses = np.array([[1.0, 2.0, 6.0]], dtype=np.float32)  # of the predictions of 6, 7 and 8
-    metrics = run_clm.compute_metrics(EvalPrediction((predictions, losses), labels))
+    metrics = run_clm.CausalLanguageModeling().compute_metrics(EvalPrediction((predictions, losses), labels))
     assert metrics["accuracy"] == pytest.approx(2 / 3) and metrics["loss"] == pytest.approx(3.0)
 
 

@@ -22,6 +22,10 @@ from list_chaining import chained_group_texts
 
 import run_clm
 import run_mlm
+from lmtune.data import concatenate_and_cut
+
+# The function each script hands tokenize_and_group to cut blocks: run_clm's adds its labels.
+GROUPING = {"run_clm": "group_texts", "run_mlm": "concatenate_and_cut"}
 
 
 def tokenized_batch(lengths, first_id=0):
@@ -50,7 +54,7 @@ def as_lists(table):
 def check_same_blocks(lengths, block_size, first_id=0):
     batch = tokenized_batch(lengths, first_id)
     mlm_expected = chained_group_texts(batch, block_size)
-    assert as_lists(run_mlm.group_texts(as_arrow(batch, ["input_ids", "special_tokens_mask"]), block_size)) == (
+    assert as_lists(concatenate_and_cut(as_arrow(batch, ["input_ids", "special_tokens_mask"]), block_size)) == (
         mlm_expected)
     clm_batch = {key: batch[key] for key in ("input_ids", "attention_mask")}
     clm_expected = chained_group_texts(clm_batch, block_size, with_labels=True)
@@ -84,13 +88,14 @@ def test_group_texts_matches_list_chaining_on_full_size_batches(seed):
 def test_a_validation_file_that_is_the_training_file_is_tokenized_and_grouped_once(script, assets, monkeypatch,
                                                                                    tmp_path):
     grouped_texts = []
-    group_texts = script.group_texts
+    name = GROUPING[script.__name__]
+    group_texts = getattr(script, name)
 
     def counting_group_texts(batch, block_size):
         grouped_texts.append(batch.num_rows)
         return group_texts(batch, block_size)
 
-    monkeypatch.setattr(script, "group_texts", counting_group_texts)
+    monkeypatch.setattr(script, name, counting_group_texts)
     texts = tmp_path / "texts.txt"
     lines = Path(assets.train).read_text(encoding="utf-8").splitlines(keepends=True)[:400]
     texts.write_text("".join(lines), encoding="utf-8")

@@ -159,7 +159,7 @@ def test_accuracy_and_loss_count_masked_positions_only():
     labels = np.array([[-100, 5, -100, 7], [8, -100, -100, -100]])
     predictions = np.array([[1, 5, 2, 0], [8, 3, 3, 3]])  # right on 5 and 8, wrong on 7; unmasked ones ignored
     losses = np.array([[9.0, 1.0, 9.0, 2.0], [6.0, 9.0, 9.0, 9.0]], dtype=np.float32)
-    metrics = run_mlm.compute_metrics(EvalPrediction((predictions, losses), labels))
+    metrics = run_mlm.MaskedLanguageModeling().compute_metrics(EvalPrediction((predictions, losses), labels))
     # A mean per masked token: (1 + 2 + 6) / 3, not the mean of the rows' means (1.5 + 6) / 2.
     assert metrics["accuracy"] == pytest.approx(2 / 3) and metrics["loss"] == pytest.approx(3.0)
 

@@ -4,7 +4,6 @@ errors, and small questions about the arguments that several phases ask."""
 import argparse
 import json
 import logging
-import os
 import re
 import sys
 from dataclasses import dataclass, field
@@ -12,16 +11,19 @@ from pathlib import Path
 from typing import Optional
 
 import torch
+import yaml
 from adapters import AdapterArguments
 from transformers import HfArgumentParser, TrainingArguments
 from transformers.training_args import OptimizerNames
 
 from lmtune.errors import UsageError, one_line
-from lmtune.hardware import LAUNCHER_PRECISION, unpin_memory_without_accelerator
+from lmtune.hardware import prepare_launcher_environment, unpin_memory_without_accelerator
 
 logger = logging.getLogger(__name__)
 
 
+# A single argument that ends so is a file of arguments, the flags as keys.
+ARGUMENTS_FILE_EXTENSIONS = (".json", ".yaml", ".yml")
 COMMON_TRAINER_FLAGS = {
     "output_dir", "overwrite_output_dir", "do_train", "do_eval", "num_train_epochs", "max_steps",
     "per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps", "learning_rate",
@@ -324,35 +326,21 @@ def make_help_readable(action):
 
 
 def parse_command_line(argv, data_arguments, adapter_arguments):
-    """Read the five argument groups from the command line, or from a single .json file of arguments; the script
-    hands in its own data and adapter argument classes."""
+    """Read the five argument groups from the command line, or from a single .json or .yaml file of arguments; the
+    script hands in its own data and adapter argument classes."""
     argv = sys.argv[1:] if argv is None else list(argv)
+    prepare_launcher_environment()  # before TrainingArguments reads and writes it
     parser = ArgumentParser(
         (ModelArguments, data_arguments, TrainingArguments, adapter_arguments, EvaluationArguments),
         every_flag="--help-all" in argv,
     )
-    # TrainingArguments writes the precision it chooses into the environment, where a later run in this process
-    # would take it for the launcher's setting: each run starts from the launcher's.
-    if LAUNCHER_PRECISION is None:
-        os.environ.pop("ACCELERATE_MIXED_PRECISION", None)
-    else:
-        os.environ["ACCELERATE_MIXED_PRECISION"] = LAUNCHER_PRECISION
+    arguments_file = argv[0] if len(argv) == 1 and argv[0].endswith(ARGUMENTS_FILE_EXTENSIONS) else None
     try:
-        if len(argv) == 1 and argv[0].endswith(".json"):
-            arguments = parser.parse_json_file(argv[0])
+        if arguments_file:
+            arguments = parser.parse_dict(read_arguments_file(arguments_file))
         else:
             arguments = parser.parse_args_into_dataclasses(args=argv)
-    except FileNotFoundError:
-        raise UsageError(
-            f"The arguments file {argv[0]} does not exist; give the path of an existing .json file."
-        ) from None
-    except OSError as error:
-        raise UsageError(
-            f"The arguments file {argv[0]} cannot be read ({error.strerror}); give the path of an existing .json file."
-        ) from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise UsageError(f"The arguments file {argv[0]} is not valid JSON ({error}); fix the file.") from None
-    except ValueError as error:  # unknown flags or JSON keys, or a combination that TrainingArguments rejects
+    except ValueError as error:  # unknown flags or keys, or a combination that TrainingArguments rejects
         if "setup doesn't support bf16" in str(error):  # TrainingArguments' message for hardware without bf16
             raise UsageError(
                 "--bf16 needs a GPU with bf16 support; on a CPU add --use_cpu (fast only on CPUs with native bf16, "
@@ -362,6 +350,27 @@ def parse_command_line(argv, data_arguments, adapter_arguments):
     unpin_memory_without_accelerator(arguments[2])
     choose_optimizer_for_xla(arguments[2], optim_given(parser, argv))
     return arguments
+
+
+def read_arguments_file(path):
+    """The flags of a .json or .yaml arguments file, as a mapping of names to values (what HfArgumentParser's
+    parse_json_file and parse_yaml_file read, refused in one line where they would fail)."""
+    kind = "YAML" if path.endswith((".yaml", ".yml")) else "JSON"
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+        values = yaml.safe_load(text) if kind == "YAML" else json.loads(text)
+    except FileNotFoundError:
+        raise UsageError(f"The arguments file {path} does not exist; give the path of an existing .json or .yaml "
+                         "file.") from None
+    except OSError as error:
+        raise UsageError(f"The arguments file {path} cannot be read ({error.strerror}); give the path of an existing "
+                         ".json or .yaml file.") from None
+    except (json.JSONDecodeError, yaml.YAMLError, UnicodeDecodeError) as error:
+        raise UsageError(f"The arguments file {path} is not valid {kind} ({one_line(error)}); fix the file.") from None
+    if not isinstance(values, dict):
+        raise UsageError(f"The arguments file {path} holds no mapping of flags to values; write one flag per key, "
+                         "e.g. output_dir: out.")
+    return values
 
 
 def choose_optimizer_for_xla(training_args, given):
@@ -379,11 +388,11 @@ def choose_optimizer_for_xla(training_args, given):
 
 
 def optim_given(parser, argv):
-    """Whether the command line, or the .json file of arguments, names --optim. argparse fills in a flag's default
-    only where the flag is absent, so a marker put in its place beforehand stays exactly then (whatever the spelling:
-    --optim=X, or a prefix that argparse accepts)."""
-    if len(argv) == 1 and argv[0].endswith(".json"):
-        return "optim" in json.loads(Path(argv[0]).read_text())
+    """Whether the command line, or the file of arguments, names --optim. argparse fills in a flag's default only where
+    the flag is absent, so a marker put in its place beforehand stays exactly then (whatever the spelling: --optim=X,
+    or a prefix that argparse accepts)."""
+    if len(argv) == 1 and argv[0].endswith(ARGUMENTS_FILE_EXTENSIONS):
+        return "optim" in read_arguments_file(argv[0])
     absent = object()
     namespace, _ = parser.parse_known_args(argv, namespace=argparse.Namespace(optim=absent))
     return namespace.optim is not absent

@@ -10,8 +10,6 @@ from contextlib import contextmanager
 from datasets.exceptions import DatasetGenerationError
 from safetensors import SafetensorError
 
-from lmtune.hardware import use_cpu_process_group_under_launcher
-
 logger = logging.getLogger(__name__)
 
 # What the OS says when the machine refuses a write: a full disk or quota, a read-only file system, no permission.
@@ -97,7 +95,6 @@ def write_failure(error):
 def run_from_command_line(main, argv, script_name):
     """Run a script's main: a usage error ends in one line on stderr and exit status 2, not a traceback; a run stopped
     by a signal, in one line naming its checkpoint and the signal's exit status."""
-    use_cpu_process_group_under_launcher()
     try:
         main(argv)
     except UsageError as error:

@@ -1,6 +1,7 @@
 """The machine: what its CPU computes natively, whether it has an accelerator, and what a launcher set up for the
 run."""
 
+import functools
 import logging
 import os
 from pathlib import Path
@@ -16,6 +17,8 @@ CPUINFO = Path("/proc/cpuinfo")
 
 
 NATIVE_BF16_FLAGS = ("amx_bf16", "avx512_bf16")
+# What `accelerate launch` tells a run through the environment, and a run's TrainingArguments overwrite.
+LAUNCHER_SETTINGS = ("ACCELERATE_MIXED_PRECISION",)
 
 
 def native_bf16_flags():
@@ -51,15 +54,26 @@ def unpin_memory_without_accelerator(training_args):
         training_args.dataloader_pin_memory = False
 
 
-def use_cpu_process_group_under_launcher():
+@functools.cache
+def launcher_environment():
+    """The launcher's settings for this process (accelerate launch's mixed precision), as they were before any run in
+    it changed them: read once, at the first run's set-up."""
+    return {name: os.environ.get(name) for name in LAUNCHER_SETTINGS}
+
+
+def prepare_launcher_environment():
+    """The run's set-up of the environment that accelerate reads: each run starts from the launcher's settings, since
+    TrainingArguments writes the precision it chooses there, where a later run in this process would take it for
+    the launcher's; and torchrun on CPUs gets a CPU process group."""
+    for name, value in launcher_environment().items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.accelerator.is_available():
-        # torchrun on CPUs: accelerate forms a (gloo) process group over CPUs only when told to; otherwise every
-        # process would train alone on all the data and write the same outputs.
+        # accelerate forms a (gloo) process group over CPUs only when told to; otherwise every process would train
+        # alone on all the data and write the same outputs.
         os.environ.setdefault("ACCELERATE_USE_CPU", "true")
-
-
-# The mixed precision that `accelerate launch` asked for, if any.
-LAUNCHER_PRECISION = os.environ.get("ACCELERATE_MIXED_PRECISION")
 
 
 def launcher_configures(engine):

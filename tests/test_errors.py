@@ -208,6 +208,13 @@ def test_json_arguments_file_mistakes(tmp_path, capsys):
     assert "is not valid JSON" in capsys.readouterr().err
     assert run_mlm.cli([str(unknown)]) == 2
     assert "learning_rat" in capsys.readouterr().err
+    for name, text, expected in (("broken.yaml", "output_dir: [x", "is not valid YAML"),
+                                 ("list.yml", "- output_dir\n- x\n", "holds no mapping of flags to values"),
+                                 ("unknown.yaml", "output_dir: x\nlearning_rat: 0.1\n", "learning_rat"),
+                                 ("missing.yaml", None, "does not exist")):
+        path = tmp_path / name if text is None else write(tmp_path / name, text)
+        assert run_clm.cli([str(path)]) == 2
+        assert expected in capsys.readouterr().err.strip().splitlines()[-1]
 
 
 @pytest.mark.parametrize("script, adapter, expected", [

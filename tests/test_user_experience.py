@@ -319,3 +319,22 @@ def test_optim_given_reads_a_json_file_of_arguments(tmp_path):
     without.write_text('{"output_dir": "x"}')
     parser = parser_of(run_clm)
     assert optim_given(parser, [str(with_optim)]) and not optim_given(parser, [str(without)])
+
+
+def test_a_yaml_arguments_file_parses_as_the_same_command_line(assets, tmp_path):
+    # As users of TRL and axolotl configurations write them: one flag per key, lists and booleans as YAML has them.
+    flags = ["--model_name_or_path", str(assets.tiny_gpt2), "--train_file", str(assets.train), "--do_train",
+             "--output_dir", str(tmp_path / "out"), "--report_to", "none", "--optim", "adamw_torch", "--train_adapter",
+             "--adapter_config", "lora[r=4]", "--learning_rate", "0.001", "--block_size", "32", "--logging_dir", "logs"]
+    (tmp_path / "args.yaml").write_text(
+        f"model_name_or_path: {assets.tiny_gpt2}\ntrain_file: {assets.train}\ndo_train: true\n"
+        f"output_dir: {tmp_path / 'out'}\nreport_to: [none]\noptim: adamw_torch\ntrain_adapter: yes\n"
+        "adapter_config: lora[r=4]\nlearning_rate: 0.001\nblock_size: 32\nlogging_dir: logs\n")
+
+    def values(groups):
+        return [{field.name: getattr(group, field.name) for field in dataclasses.fields(group) if field.init}
+                for group in groups]
+
+    assert values(run_clm.parse_arguments([str(tmp_path / "args.yaml")])) == values(run_clm.parse_arguments(flags))
+    assert optim_given(parser_of(run_clm), [str(tmp_path / "args.yaml")])
+

@@ -337,7 +337,7 @@ def parse_command_line(argv, data_arguments, adapter_arguments):
     arguments_file = argv[0] if len(argv) == 1 and argv[0].endswith(ARGUMENTS_FILE_EXTENSIONS) else None
     try:
         if arguments_file:
-            arguments = parser.parse_dict(read_arguments_file(arguments_file))
+            arguments = parser.parse_dict(numbers_typed(parser, read_arguments_file(arguments_file), arguments_file))
         else:
             arguments = parser.parse_args_into_dataclasses(args=argv)
     except ValueError as error:  # unknown flags or keys, or a combination that TrainingArguments rejects
@@ -385,6 +385,22 @@ def choose_optimizer_for_xla(training_args, given):
             "the first optimizer step; use --optim adamw_torch on XLA (TPUs)."
         )
     training_args.optim = OptimizerNames.ADAMW_TORCH  # said in the log by checks.note_xla_optimizer
+
+
+def numbers_typed(parser, values, path):
+    """The values of the arguments file path, those of numeric flags as numbers where they are text: YAML reads 1e-4
+    as text (its floats need a dot), and the Trainer would compare it with numbers. The command line converts them
+    with the same types."""
+    number_types = {action.dest: action.type for action in parser._actions if action.type in (int, float)}
+    typed = dict(values)
+    for key, value in values.items():
+        if isinstance(value, str) and key in number_types:
+            try:
+                typed[key] = number_types[key](value)
+            except ValueError:
+                raise UsageError(f"{key}: {value} in the arguments file {path} is not a number; give "
+                                 f"{key} a {number_types[key].__name__} value.") from None
+    return typed
 
 
 def optim_given(parser, argv):

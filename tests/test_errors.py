@@ -211,7 +211,8 @@ def test_json_arguments_file_mistakes(tmp_path, capsys):
     for name, text, expected in (("broken.yaml", "output_dir: [x", "is not valid YAML"),
                                  ("list.yml", "- output_dir\n- x\n", "holds no mapping of flags to values"),
                                  ("unknown.yaml", "output_dir: x\nlearning_rat: 0.1\n", "learning_rat"),
-                                 ("missing.yaml", None, "does not exist")):
+                                 ("missing.yaml", None, "does not exist"),
+                                 ("rate.yaml", "output_dir: x\nlearning_rate: fast\n", "learning_rate: fast in the")):
         path = tmp_path / name if text is None else write(tmp_path / name, text)
         assert run_clm.cli([str(path)]) == 2
         assert expected in capsys.readouterr().err.strip().splitlines()[-1]

@@ -329,7 +329,7 @@ def test_a_yaml_arguments_file_parses_as_the_same_command_line(assets, tmp_path)
     (tmp_path / "args.yaml").write_text(
         f"model_name_or_path: {assets.tiny_gpt2}\ntrain_file: {assets.train}\ndo_train: true\n"
         f"output_dir: {tmp_path / 'out'}\nreport_to: [none]\noptim: adamw_torch\ntrain_adapter: yes\n"
-        "adapter_config: lora[r=4]\nlearning_rate: 0.001\nblock_size: 32\nlogging_dir: logs\n")
+        "adapter_config: lora[r=4]\nlearning_rate: 1e-3\nblock_size: 32\nlogging_dir: logs\n")  # 1e-3: text in YAML
 
     def values(groups):
         return [{field.name: getattr(group, field.name) for field in dataclasses.fields(group) if field.init}

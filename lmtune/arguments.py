@@ -3,7 +3,6 @@ errors, and small questions about the arguments that several phases ask."""
 
 import argparse
 import json
-import logging
 import re
 import sys
 from dataclasses import dataclass, field
@@ -18,9 +17,6 @@ from transformers.training_args import OptimizerNames
 
 from lmtune.errors import UsageError, one_line
 from lmtune.hardware import prepare_launcher_environment, unpin_memory_without_accelerator
-
-logger = logging.getLogger(__name__)
-
 
 # A single argument that ends so is a file of arguments, the flags as keys.
 ARGUMENTS_FILE_EXTENSIONS = (".json", ".yaml", ".yml")

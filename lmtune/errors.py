@@ -1,7 +1,6 @@
 """Mistakes of the command line or its inputs: one plain line naming the flag and the fix, never a traceback."""
 
 import errno
-import logging
 import os
 import re
 import sys
@@ -9,8 +8,6 @@ from contextlib import contextmanager
 
 from datasets.exceptions import DatasetGenerationError
 from safetensors import SafetensorError
-
-logger = logging.getLogger(__name__)
 
 # What the OS says when the machine refuses a write: a full disk or quota, a read-only file system, no permission.
 WRITE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES)

@@ -1,14 +1,11 @@
 """The evaluation's numbers: each labelled token's loss, accuracy, and perplexity, computed the same way for any
 batch size and number of processes."""
 
-import logging
 import math
 from typing import NamedTuple
 
 import numpy as np
 import torch
-
-logger = logging.getLogger(__name__)
 
 
 def token_losses(logits, labels):

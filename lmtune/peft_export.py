@@ -16,7 +16,6 @@ module by module, so that PEFT computes what the adapters model computes:
 """
 
 import json
-import logging
 import re
 from pathlib import Path
 
@@ -25,8 +24,6 @@ from adapters.methods.lora import IA3, LoRA, LoRALayer, LoRALinear, LoRAMergedLi
 from safetensors.torch import save_file
 
 from lmtune.errors import UsageError
-
-logger = logging.getLogger(__name__)
 
 # PEFT's task types (peft.utils.peft_types.TaskType) and None, which loads as a plain PeftModel: PEFT has no
 # masked-LM task type, and a plain PeftModel's forward still returns the masked LM's logits.

@@ -1,7 +1,7 @@
 """Run a script under `accelerate launch` with FSDP on CPU processes: `accelerate launch --config_file
 configs/fsdp.yaml tests/cpu_fsdp.py run_mlm.py ARGS`.
 
-accelerate (1.15) turns an FSDP configuration into FSDP on GPUs and other accelerators only; on CPUs it quietly runs
+accelerate (1.16) turns an FSDP configuration into FSDP on GPUs and other accelerators only; on CPUs it quietly runs
 plain data parallel instead. torch's FSDP2 itself shards over CPU processes (gloo), so this lifts that one gate, and a
 test can check on CPUs what the scripts do with a sharded model: train it, and save a complete adapter from it.
 """

@@ -110,9 +110,8 @@ def test_two_processes_report_what_one_reports_with_twice_the_batch(script, mode
 
 def test_a_signal_to_one_process_stops_both_at_the_same_step_with_one_checkpoint(assets, dropout_free, tmp_path):
     # SLURM signals every process, but a launcher or a node may pass it on to some only: here it reaches rank 1, which
-    # logs nothing, while rank 0 gets no signal of its own. Both must save the same step and stop. (Resuming it is
-    # not tested: transformers 4.57 maps the optimizer state to cpu:<rank> when several CPU processes resume, which
-    # torch.load refuses, whatever stopped the run.)
+    # logs nothing, while rank 0 gets no signal of its own. Both must save the same step and stop. (Resuming from
+    # such a checkpoint on several processes: test_two_cpu_processes_resume_from_a_checkpoint.)
     output_dir = tmp_path / "out"
     args = arguments(run_clm, assets, dropout_free, output_dir, "adapter", "--max_steps", "12", "--save_strategy",
                      "steps", "--save_steps", "5", "--logging_steps", "1")
@@ -170,7 +169,7 @@ def test_two_cpu_processes_resume_from_a_checkpoint(assets, dropout_free, tmp_pa
 
 
 def test_fsdp_trains_and_saves_the_whole_adapter(assets, dropout_free, one_process, tmp_path):
-    # run_clm only: accelerate 1.15 cannot shard RoBERTa's LM head with FSDP2 (its bias is tied to lm_head.bias).
+    # run_clm only: accelerate 1.16 cannot shard RoBERTa's LM head with FSDP2 (its bias is tied to lm_head.bias).
     output_dir = tmp_path / "out"
     output = launch("fsdp", run_clm, arguments(run_clm, assets, dropout_free, output_dir, "adapter"), tmp_path)
     single_dir = one_process(run_clm, "adapter")

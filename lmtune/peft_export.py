@@ -118,7 +118,20 @@ def adapter_config(model, adapter_name):
 def peft_lora_layers(model, adapter_name):
     """The adapter's layers as PEFT's LoRA would hold them: name, A, B, r, alpha, dropout and fan_in_fan_out of each;
     NoPeftForm where PEFT's LoRA cannot compute what adapters computes."""
-    config = adapter_config(model, adapter_name)
+    check_plain_lora(adapter_config(model, adapter_name))
+    layers = [peft_layer(name, layer, adapter_name) for name, layer in model.named_modules()
+              if isinstance(layer, LoRALayer) and adapter_name in layer.loras]
+    if not layers:
+        raise NoPeftForm("it adds LoRA to no layer of this model")
+    if len({layer["dropout"] for layer in layers}) > 1:
+        raise NoPeftForm("its layers use different dropout rates, and PEFT's config holds one lora_dropout")
+    if len({layer["fan_in_fan_out"] for layer in layers}) > 1:
+        raise NoPeftForm("it adapts both Linear and Conv1D layers, and PEFT's config holds one fan_in_fan_out")
+    return layers
+
+
+def check_plain_lora(config):
+    """NoPeftForm unless the adapter's configuration is a plain LoRA, the one kind PEFT's LoRA layout holds."""
     if isinstance(config, ConfigUnion):
         raise NoPeftForm(
             f"it combines several methods ({', '.join(c.architecture or 'bottleneck' for c in config.configs)}), and "
@@ -142,41 +155,33 @@ def peft_lora_layers(model, adapter_name):
         raise NoPeftForm("adapters' DoRA normalises the weights otherwise than PEFT's DoRA, so PEFT would compute "
                          "something else with the same weights")
 
-    layers = []
-    for name, layer in model.named_modules():
-        if not (isinstance(layer, LoRALayer) and adapter_name in layer.loras):
-            continue
-        lora = layer.loras[adapter_name]
-        # The configuration was checked above; these catch a module that a plugin or a later adapters version builds
-        # otherwise.
-        if type(lora) is not LoRA or isinstance(lora, (MTLLoRA, Vera, IA3)):
-            raise NoPeftForm(f"its {type(lora).__name__} module at {name} is not a plain LoRA")
-        if lora.use_gating or lora.composition_mode != "add" or getattr(lora, "use_dora", False):
-            raise NoPeftForm(f"its module at {name} uses gating, DoRA or scaling, which PEFT's LoRA lacks")
-        if layer.merged:
-            raise NoPeftForm("it is merged into the model's weights, which are then no longer the base model's")
-        if adapter_name in getattr(layer, "shared_parameters", {}):
-            raise NoPeftForm(f"its module at {name} uses shared parameters, which PEFT's LoRA lacks")
-        A, B, r = lora.lora_A, lora.lora_B, lora.r
-        if isinstance(layer, LoRAMergedLinear):
-            A, B, r, alpha = fused_qkv_as_one_lora(name, layer, lora)
-        elif isinstance(layer, LoRALinear):
-            if A.shape != (r, layer.in_features) or B.shape != (layer.out_features, r):
-                raise NoPeftForm(f"its weights at {name} ({tuple(A.shape)}, {tuple(B.shape)}) do not fit a "
-                                 f"{layer.in_features} -> {layer.out_features} projection")
-            alpha = lora.lora_alpha
-        else:
-            raise NoPeftForm(f"it sits in a {type(layer).__name__} layer at {name}, which has no PEFT LoRA form")
-        layers.append({"name": name, "A": A, "B": B, "r": r, "alpha": alpha,
-                       "dropout": float(getattr(lora.lora_dropout, "p", 0.0)),
-                       "fan_in_fan_out": bool(getattr(layer, "fan_in_fan_out", False))})
-    if not layers:
-        raise NoPeftForm("it adds LoRA to no layer of this model")
-    if len({layer["dropout"] for layer in layers}) > 1:
-        raise NoPeftForm("its layers use different dropout rates, and PEFT's config holds one lora_dropout")
-    if len({layer["fan_in_fan_out"] for layer in layers}) > 1:
-        raise NoPeftForm("it adapts both Linear and Conv1D layers, and PEFT's config holds one fan_in_fan_out")
-    return layers
+
+def peft_layer(name, layer, adapter_name):
+    """The adapter's LoRA module in the layer at name in the model, as PEFT's LoRA would hold it."""
+    lora = layer.loras[adapter_name]
+    # The configuration was checked before; these catch a module that a plugin or a later adapters version builds
+    # otherwise.
+    if type(lora) is not LoRA or isinstance(lora, (MTLLoRA, Vera, IA3)):
+        raise NoPeftForm(f"its {type(lora).__name__} module at {name} is not a plain LoRA")
+    if lora.use_gating or lora.composition_mode != "add" or getattr(lora, "use_dora", False):
+        raise NoPeftForm(f"its module at {name} uses gating, DoRA or scaling, which PEFT's LoRA lacks")
+    if layer.merged:
+        raise NoPeftForm("it is merged into the model's weights, which are then no longer the base model's")
+    if adapter_name in getattr(layer, "shared_parameters", {}):
+        raise NoPeftForm(f"its module at {name} uses shared parameters, which PEFT's LoRA lacks")
+    A, B, r = lora.lora_A, lora.lora_B, lora.r
+    if isinstance(layer, LoRAMergedLinear):
+        A, B, r, alpha = fused_qkv_as_one_lora(name, layer, lora)
+    elif isinstance(layer, LoRALinear):
+        if A.shape != (r, layer.in_features) or B.shape != (layer.out_features, r):
+            raise NoPeftForm(f"its weights at {name} ({tuple(A.shape)}, {tuple(B.shape)}) do not fit a "
+                             f"{layer.in_features} -> {layer.out_features} projection")
+        alpha = lora.lora_alpha
+    else:
+        raise NoPeftForm(f"it sits in a {type(layer).__name__} layer at {name}, which has no PEFT LoRA form")
+    return {"name": name, "A": A, "B": B, "r": r, "alpha": alpha,
+            "dropout": float(getattr(lora.lora_dropout, "p", 0.0)),
+            "fan_in_fan_out": bool(getattr(layer, "fan_in_fan_out", False))}
 
 
 def fused_qkv_as_one_lora(name, layer, lora):

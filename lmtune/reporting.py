@@ -188,24 +188,9 @@ def plot_training_curves(trainer, training_args):
     if train_points:
         loss_axes.plot(*zip(*train_points), label="train loss")
     if curves:
-        steps = [entry["step"] for entry in evaluations]
-        loss_axes.plot(steps, [entry["eval_loss"] for entry in evaluations], "o-", label="eval loss")
-        perplexity_axes, accuracy_axes = axes[0][1:]
-        perplexity_axes.plot(steps, [perplexity(entry["eval_loss"]) for entry in evaluations], "o-", color="tab:orange")
-        perplexity_axes.set(xlabel="step", ylabel="perplexity", title="Eval perplexity")
-        # --prediction_loss_only evaluates the loss alone: no accuracy to draw.
-        accuracy_axes.plot(steps, [entry.get("eval_accuracy", math.nan) for entry in evaluations], "o-",
-                           color="tab:green")
-        accuracy_axes.set(xlabel="step", ylabel="accuracy", title="Eval accuracy")
+        draw_evaluation_curves(loss_axes, *axes[0][1:], evaluations)
     elif evaluations:
-        [final] = evaluations
-        loss_axes.text(
-            0.97, 0.95,
-            f"eval at step {final['step']}: loss {final['eval_loss']:.3f},\n{evaluation_figures(final)}\n"
-            "(--eval_strategy steps --eval_steps N\ndraws eval curves)",
-            transform=loss_axes.transAxes, ha="right", va="top", multialignment="left",
-            bbox={"facecolor": "white", "alpha": 0.8},
-        )
+        write_final_evaluation(loss_axes, evaluations[0])
     loss_axes.set(xlabel="step", ylabel="loss", title="Loss")
     if train_points or curves:  # a run shorter than --logging_steps logs no loss
         loss_axes.legend(loc="best" if curves else "lower left")  # a falling loss leaves the corners free
@@ -217,6 +202,28 @@ def plot_training_curves(trainer, training_args):
     figure.savefig(path, dpi=100)
     plt.close(figure)
     return str(path)
+
+
+def draw_evaluation_curves(loss_axes, perplexity_axes, accuracy_axes, evaluations):
+    steps = [entry["step"] for entry in evaluations]
+    loss_axes.plot(steps, [entry["eval_loss"] for entry in evaluations], "o-", label="eval loss")
+    perplexity_axes.plot(steps, [perplexity(entry["eval_loss"]) for entry in evaluations], "o-", color="tab:orange")
+    perplexity_axes.set(xlabel="step", ylabel="perplexity", title="Eval perplexity")
+    # --prediction_loss_only evaluates the loss alone: no accuracy to draw.
+    accuracy_axes.plot(steps, [entry.get("eval_accuracy", math.nan) for entry in evaluations], "o-",
+                       color="tab:green")
+    accuracy_axes.set(xlabel="step", ylabel="accuracy", title="Eval accuracy")
+
+
+def write_final_evaluation(loss_axes, final):
+    """The figures of a run's only evaluation, written on its loss plot, with how to get curves instead."""
+    loss_axes.text(
+        0.97, 0.95,
+        f"eval at step {final['step']}: loss {final['eval_loss']:.3f},\n{evaluation_figures(final)}\n"
+        "(--eval_strategy steps --eval_steps N\ndraws eval curves)",
+        transform=loss_axes.transAxes, ha="right", va="top", multialignment="left",
+        bbox={"facecolor": "white", "alpha": 0.8},
+    )
 
 
 class Written(NamedTuple):

@@ -35,7 +35,7 @@ from lmtune.modeling import example_length, load_config, load_model, load_tokeni
 from lmtune.output_dir import check_resume_checkpoint, claimed_output_dir, detect_last_checkpoint
 from lmtune.peft_export import write_peft_adapter
 from lmtune.reporting import plot_training_curves, print_summary, publish, write_merged_model, write_samples
-from lmtune.training import add_early_stopping, build_trainer, check_sharding, evaluate, train
+from lmtune.training import add_early_stopping, build_trainer, evaluate, train
 
 logger = logging.getLogger(__name__)
 
@@ -191,7 +191,6 @@ def main(argv=None):
         trainer = build_trainer(model, tokenizer, data_collator, train_dataset, eval_dataset, training_args,
                                 adapter_args, Path(__file__).name, compute_metrics, preprocess_logits_for_metrics)
         add_early_stopping(trainer, evaluation_args)
-        check_sharding(trainer, adapter_args)
 
         metrics = {}
         if training_args.do_train:

@@ -43,7 +43,7 @@ from lmtune.modeling import example_length, load_config, load_model, load_tokeni
 from lmtune.output_dir import check_resume_checkpoint, claimed_output_dir, detect_last_checkpoint
 from lmtune.peft_export import write_peft_adapter
 from lmtune.reporting import plot_training_curves, print_summary, publish, write_merged_model, write_samples
-from lmtune.training import add_early_stopping, build_trainer, check_sharding, evaluate, train
+from lmtune.training import add_early_stopping, build_trainer, evaluate, train
 
 logger = logging.getLogger(__name__)
 
@@ -346,7 +346,6 @@ def main(argv=None):
             callbacks=[getattr(data_collator, "collator", data_collator)],
         )
         add_early_stopping(trainer, evaluation_args)
-        check_sharding(trainer, adapter_args)
 
         metrics = {}
         if training_args.do_train:

@@ -424,7 +424,7 @@ def sharding_engines(training_args):
     DeepSpeed from --deepspeed, or from the launcher where accelerate's process state turned to it; FSDP (from
     --fsdp or the launcher, in ACCELERATE_USE_FSDP) where the processes run on accelerators (FSDP_DISTRIBUTED_TYPES).
     A launcher's configuration that does not apply is pointed out."""
-    distributed_type = training_args.distributed_state.distributed_type
+    distributed_type = getattr(training_args.distributed_state, "distributed_type", None)  # None: SageMaker MP
     fsdp = None
     if launcher_configures("FSDP") and distributed_type in FSDP_DISTRIBUTED_TYPES:
         fsdp = FullyShardedDataParallelPlugin()  # from the environment, as accelerate's Accelerator builds it

@@ -39,7 +39,7 @@ from lmtune.objective import Objective, with_prompt_labels
 from lmtune.output_dir import check_resume_checkpoint, claimed_output_dir, detect_last_checkpoint
 from lmtune.peft_export import write_peft_adapter
 from lmtune.reporting import Written, plot_training_curves, print_summary, publish, write_merged_model, write_samples
-from lmtune.training import add_early_stopping, build_trainer, check_sharding, evaluate, train
+from lmtune.training import add_early_stopping, build_trainer, evaluate, train
 
 logger = logging.getLogger(__name__)
 
@@ -359,7 +359,6 @@ def main(argv=None):
         eval_dataset = mask_eval_dataset(eval_dataset, tokenizer, data_args, training_args.seed)
         trainer = build_trainer(objective, model, tokenizer, train_dataset, eval_dataset, training_args, adapter_args)
         add_early_stopping(trainer, evaluation_args)
-        check_sharding(trainer, adapter_args)
 
         metrics = {}
         if training_args.do_train:

@@ -31,6 +31,7 @@ from lmtune.arguments import quantization_flag, quantizes, uses_adapter
 from lmtune.errors import FIX_ADAPTER, UsageError, first_line, reported_as_usage_error, shorten
 from lmtune.hardware import launcher_configures
 from lmtune.logs import log_message_dropped
+from lmtune.modeling import weight_identity
 from lmtune.peft_export import check_peft_export
 
 logger = logging.getLogger(__name__)
@@ -146,6 +147,7 @@ def setup_adapter(model, adapter_args):
             model.add_adapter(adapter_args.adapter_name, config=adapter_args.adapter_config)
         except (ValueError, TypeError, AssertionError, RuntimeError) as error:  # adapters' own checks
             raise UsageError(cannot_train_message(adapter_args, model, error)) from None
+    place_adapters(model)
     with no_alarm_about_inactive_adapters():
         if adapter_args.train_adapter:
             model.train_adapter(adapter_args.adapter_name)  # freezes the rest of the model
@@ -159,6 +161,16 @@ def setup_adapter(model, adapter_args):
     for name, parameter in model.named_parameters():
         parameter.requires_grad = adapter_args.train_adapter and parameter.requires_grad and belongs_to_adapter(name)
     name_layers_for_fsdp(model)
+
+
+def place_adapters(model):
+    """Put every adapter on the model's device. adapters creates bottleneck, prefix, prompt and ReFT weights on the
+    CPU (only LoRA's follow the layer they wrap), and the Trainer does not move a quantized model, which bitsandbytes
+    has put on the GPU: its adapters would stay behind. Their dtype stays float32, the precision they train in, also
+    beside a base model in bf16 (--torch_dtype with --bf16 computes in it under autocast); a quantized model's compute
+    dtype is float32 too (quantization_config)."""
+    for name in model.adapters_config.adapters:
+        model.adapter_to(name, device=model.device)
 
 
 def no_alarm_about_inactive_adapters():
@@ -203,9 +215,9 @@ def load_saved_adapter(model, flag, location, **load_kwargs):
     state = {**model.base_model.state_dict(), **model.state_dict()}
     missing = set(loading_info.get("missing_keys", []))
     # Weights shared under several names (prefix tuning's pool) are saved once: their other names load with it.
-    loaded = {tensor.data_ptr() for key, tensor in state.items() if key not in missing}
+    loaded = {weight_identity(tensor) for key, tensor in state.items() if key not in missing}
     misfits = loading_info.get("unexpected_keys", []) + [
-        key for key in missing if key not in state or state[key].data_ptr() not in loaded]
+        key for key in missing if key not in state or weight_identity(state[key]) not in loaded]
     if misfits:
         raise UsageError(
             f"{flag} {location} does not fit this {model.config.model_type} model: {len(misfits)} weights have no "

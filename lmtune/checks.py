@@ -24,6 +24,7 @@ from lmtune.data import FILE_BUILDERS, file_extension, matching_files, read_prom
 from lmtune.errors import UsageError, first_line
 from lmtune.hardware import warn_if_bf16_is_emulated
 from lmtune.output_dir import is_complete_checkpoint
+from lmtune.training import check_sharding
 
 logger = logging.getLogger(__name__)
 
@@ -42,6 +43,7 @@ def check_arguments(model_args, data_args, training_args, adapter_args, evaluati
     check_merge_arguments(training_args, adapter_args)
     check_export_peft_arguments(model_args, training_args, adapter_args)
     check_gradient_checkpointing_arguments(training_args, adapter_args)
+    check_sharding(training_args, adapter_args)
     check_hub_is_reachable(model_args, data_args, adapter_args, training_args)
     warn_if_bf16_is_emulated(training_args)
     note_xla_optimizer(training_args)

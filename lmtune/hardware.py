@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 
 import torch
+from transformers.utils import is_torch_xla_available
 
 logger = logging.getLogger(__name__)
 
@@ -70,9 +71,16 @@ def prepare_launcher_environment():
             os.environ.pop(name, None)
         else:
             os.environ[name] = value
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.accelerator.is_available():
-        # accelerate forms a (gloo) process group over CPUs only when told to; otherwise every process would train
-        # alone on all the data and write the same outputs.
+    use_cpu_process_group_under_launcher()
+
+
+def use_cpu_process_group_under_launcher():
+    # torch.accelerator knows no XLA device: on a TPU it is unavailable too, but transformers trains on XLA wherever
+    # torch_xla is installed (its own check, asked here), and ACCELERATE_USE_CPU would move the run onto the CPU.
+    on_accelerator = torch.accelerator.is_available() or is_torch_xla_available()
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not on_accelerator:
+        # torchrun on CPUs: accelerate forms a (gloo) process group over CPUs only when told to; otherwise every
+        # process would train alone on all the data and write the same outputs.
         os.environ.setdefault("ACCELERATE_USE_CPU", "true")
 
 

@@ -2,8 +2,10 @@
 length of the examples that they allow."""
 
 import logging
+import warnings
 
 import torch
+from huggingface_hub import get_torch_storage_id
 from torch.distributed.tensor import DTensor
 from transformers import CONFIG_MAPPING, AutoConfig, AutoTokenizer, BitsAndBytesConfig
 
@@ -141,3 +143,14 @@ def sharded(model):
     """Whether the model's weights are sharded over the processes (FSDP2's DTensors, DeepSpeed ZeRO-3's partitions),
     so that a forward pass needs every process."""
     return any(isinstance(parameter, DTensor) or hasattr(parameter, "ds_id") for parameter in model.parameters())
+
+
+def weight_identity(tensor):
+    """What two names of one weight in a state dict have in common (prefix tuning's pool has several): the storage,
+    by huggingface_hub's id, which tells apart XLA tensors (whose data_ptr() is 0 for all) and DTensors (by their
+    local shard), and the view of it."""
+    with warnings.catch_warnings():
+        # huggingface_hub reads a DTensor's shard through torch's TypedStorage, which torch warns is deprecated.
+        warnings.filterwarnings("ignore", "TypedStorage is deprecated", UserWarning)
+        storage = get_torch_storage_id(tensor)
+    return storage, tensor.storage_offset(), tuple(tensor.shape), tuple(tensor.stride())

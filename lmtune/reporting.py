@@ -13,7 +13,6 @@ from typing import NamedTuple, Optional
 
 import torch
 from adapters.loading import AdapterLoader
-from transformers.trainer_pt_utils import get_model_param_count
 
 from lmtune.adapter_setup import adapters_off, init_adapters, reads_tuple_cache
 from lmtune.arguments import quantizes, uses_adapter
@@ -39,6 +38,10 @@ def write_samples(objective, trainer, tokenizer, raw_datasets, max_length, evalu
     if sharded(trainer.model):  # generating on the main process alone would wait for the others forever
         logger.warning("No samples: the model is sharded over the processes (FSDP or DeepSpeed ZeRO-3); evaluate the "
                        "saved adapter in one process (--load_adapter DIR --do_eval) to see them.")
+        return None
+    if trainer.args.device.type == "xla":
+        logger.warning("No samples on XLA (TPUs): generating compiles a graph for every new token; evaluate the saved "
+                       "adapter on a CPU or GPU (--load_adapter DIR --do_eval) to see them.")
         return None
     if not trainer.is_world_process_zero():
         return None
@@ -137,8 +140,11 @@ def plain_model(model):
     with torch.device("meta"):  # only the names of its weights are needed: nothing is allocated
         names = model_class(model.config).state_dict().keys()
     state_dict = model.state_dict()
+    # Built where the adapter model is, in its dtype: from_pretrained would put every weight on the CPU, away from
+    # the inputs that the merged model is compared on.
     plain = model_class.from_pretrained(
-        None, config=model.config, state_dict={name: state_dict[name] for name in names}, dtype=model.dtype
+        None, config=model.config, state_dict={name: state_dict[name] for name in names}, dtype=model.dtype,
+        device_map={"": model.device},
     )
     if reads_tuple_cache(model):  # init_adapters turned the cache off for adapters' layers; transformers' read it
         plain.config.use_cache = plain.generation_config.use_cache = True
@@ -266,10 +272,23 @@ def print_summary(trainer, metrics, tokens_per_example, written, adapter_args):
     print("\n".join(["***** summary *****", *(f"  {line}" for line in lines)]), flush=True)
 
 
+def weight_count(parameter):
+    """How many weights a parameter stands for: all of a DeepSpeed ZeRO-3 partition (ds_numel), and of a 4-bit one,
+    which bitsandbytes packs two to a byte (its quant_state keeps the shape it was quantized from)."""
+    if hasattr(parameter, "ds_numel"):
+        return parameter.ds_numel
+    quant_state = getattr(parameter, "quant_state", None)
+    return quant_state.shape.numel() if quant_state is not None else parameter.numel()
+
+
+def parameter_count(model, trainable_only=False):
+    return sum(weight_count(parameter) for parameter in model.parameters()
+               if parameter.requires_grad or not trainable_only)
+
+
 def training_summary(model, metrics, tokens_per_example, training_args, adapter_args):
-    # transformers' count, which also counts the weights that DeepSpeed ZeRO-3 has partitioned over the processes.
-    trainable = get_model_param_count(model, trainable_only=True)
-    total = get_model_param_count(model)
+    trainable = parameter_count(model, trainable_only=True)
+    total = parameter_count(model)
     output_dir = Path(training_args.output_dir)
     if adapter_args.train_adapter:
         saved = output_dir / adapter_args.adapter_name
@@ -308,12 +327,12 @@ def evaluation_figures(metrics, tokens_per_example=None):
 
 
 def evaluated_model_summary(model, adapter_args):
-    total = get_model_param_count(model)
+    total = parameter_count(model)
     line = f"model: frozen, nothing trained: {total:,} parameters evaluated"
     if not uses_adapter(adapter_args):
         return line + " as loaded"
     belongs_to_adapter = AdapterLoader(model).filter_func(adapter_args.adapter_name)
-    in_adapter = sum(getattr(p, "ds_numel", p.numel()) for name, p in model.named_parameters()
+    in_adapter = sum(weight_count(parameter) for name, parameter in model.named_parameters()
                      if belongs_to_adapter(name))
     line += f", {in_adapter:,} ({100 * in_adapter / total:.2f}%) of them in adapter {adapter_args.adapter_name}"
     if adapter_args.load_adapter and os.path.isdir(adapter_args.load_adapter):

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import datasets
 import torch
+from accelerate.utils import DeepSpeedPlugin, DistributedType, FullyShardedDataParallelPlugin
 from adapters import AdapterTrainer
 from adapters.loading import AdapterLoader
 from huggingface_hub import HfApi, ModelCardData
@@ -28,8 +29,15 @@ from lmtune.errors import StoppedBySignal, UsageError, first_line
 from lmtune.hardware import launcher_configures
 from lmtune.logs import log_message_dropped
 from lmtune.metrics import perplexity, sliding_window_loss
+from lmtune.modeling import weight_identity
 
 logger = logging.getLogger(__name__)
+
+
+# accelerate's distributed types in which an FSDP configuration applies (AcceleratorState): several processes on
+# accelerators. On CPUs (MULTI_CPU) accelerate runs plain data parallel instead.
+FSDP_DISTRIBUTED_TYPES = {kind for kind in DistributedType
+                          if kind.name.startswith("MULTI_") and kind is not DistributedType.MULTI_CPU}
 
 
 # Kept in every checkpoint: the sum of the training losses up to it, for the train_loss of a resumed run.
@@ -225,7 +233,13 @@ class AdapterOnlyTrainer(LanguageModelingTrainer, AdapterTrainer):
 
     def __init__(self, *args, adapter_name, script_name, **kwargs):
         self.adapter_name, self.script_name = adapter_name, script_name
+        self.adapter_saved = False  # whether save_model has written <output_dir>/<adapter_name>/ in this run
         super().__init__(*args, **kwargs)
+
+    def save_model(self, output_dir=None, _internal_call=False):
+        # Noted first: the Trainer's save_model ends with a push (push_to_hub), which uploads what it has just written.
+        self.adapter_saved = self.adapter_saved or output_dir is None or Path(output_dir) == Path(self.args.output_dir)
+        super().save_model(output_dir, _internal_call)
 
     def _save(self, output_dir=None, state_dict=None):
         output_dir = Path(output_dir or self.args.output_dir)
@@ -264,7 +278,14 @@ class AdapterOnlyTrainer(LanguageModelingTrainer, AdapterTrainer):
 
     def push_to_hub(self, commit_message="End of training", blocking=True, token=None, revision=None, **card):
         """Publish the adapter where `model.load_adapter("user/repo")` looks for it: its files and a model card at
-        the root of the repository. The Trainer's own push uploads output_dir, where the adapter is a subfolder."""
+        the root of the repository. The Trainer's own push uploads output_dir, where the adapter is a subfolder.
+
+        It uploads the folder that save_model wrote, as it wrote it: only save_model gathers the weights that FSDP
+        and DeepSpeed ZeRO-3 shard, or copies them from XLA, so a save from the live model here would write empty
+        partitions or shards over the good files. A run that trained nothing saves through save_model first, with
+        every process, as the gathering needs."""
+        if not self.adapter_saved:
+            self.save_model(_internal_call=True)
         self.create_model_card(**card)
         if not self.is_world_process_zero():
             return None
@@ -272,7 +293,6 @@ class AdapterOnlyTrainer(LanguageModelingTrainer, AdapterTrainer):
         if self.hub_model_id is None:
             self.init_hf_repo(token=token)
         folder = Path(self.args.output_dir) / self.adapter_name
-        save_adapter_files(self.model, folder, self.adapter_name, self.args.save_safetensors)
         (folder / "README.md").write_text(adapter_card(self, card))
         return HfApi(token=token).upload_folder(
             repo_id=self.hub_model_id,
@@ -322,7 +342,7 @@ def save_adapter_files(model, folder, adapter_name, use_safetensors, gathered_st
     unique, seen = {}, set()
     for key in sorted(state_dict, key=lambda key: (len(key), key)):
         tensor = state_dict[key]
-        identity = (tensor.data_ptr(), tuple(tensor.shape), tuple(tensor.stride()))
+        identity = weight_identity(tensor)
         if identity not in seen:
             seen.add(identity)
             unique[key] = tensor.contiguous()
@@ -400,20 +420,36 @@ def add_early_stopping(trainer, evaluation_args):
         ))
 
 
-def check_sharding(trainer, adapter_args):
-    """Refuse before training a sharding mode whose adapter could not be saved whole, and say so when a launcher's
-    FSDP or DeepSpeed configuration does not apply."""
-    for name, enabled in (("FSDP", trainer.is_fsdp_enabled), ("DeepSpeed", trainer.is_deepspeed_enabled)):
-        if launcher_configures(name) and not enabled:
+def sharding_engines(training_args):
+    """The FSDP plugin and the DeepSpeed plugin that the Trainer's accelerator will run with (None where it will not),
+    known from the arguments and the launcher's environment before the Trainer is built, as accelerate decides:
+    DeepSpeed from --deepspeed, or from the launcher where accelerate's process state turned to it; FSDP (from
+    --fsdp or the launcher, in ACCELERATE_USE_FSDP) where the processes run on accelerators (FSDP_DISTRIBUTED_TYPES).
+    A launcher's configuration that does not apply is pointed out."""
+    distributed_type = getattr(training_args.distributed_state, "distributed_type", None)  # None: SageMaker MP
+    fsdp = None
+    if launcher_configures("FSDP") and distributed_type in FSDP_DISTRIBUTED_TYPES:
+        fsdp = FullyShardedDataParallelPlugin()  # from the environment, as accelerate's Accelerator builds it
+    deepspeed = training_args.deepspeed_plugin
+    if deepspeed is None and distributed_type == DistributedType.DEEPSPEED:
+        deepspeed = DeepSpeedPlugin()
+    for name, plugin in (("FSDP", fsdp), ("DeepSpeed", deepspeed)):
+        if launcher_configures(name) and plugin is None:
             logger.warning(
                 f"{name} is configured, but accelerate runs it on GPUs and other accelerators only: on CPUs this run "
                 "is plain data parallel, each process holding the whole model."
             )
+    return fsdp, deepspeed
+
+
+def check_sharding(training_args, adapter_args):
+    """Refuse, with the other checks before any model or data is loaded, a sharding mode whose adapter could not be
+    saved whole, and what needs the whole model in one process under one."""
+    fsdp, deepspeed = sharding_engines(training_args)
     if not adapter_args.train_adapter:
         return
-    state = trainer.accelerator.state
-    zero = state.deepspeed_plugin.deepspeed_config.get("zero_optimization", {}) if trainer.is_deepspeed_enabled else {}
-    if trainer.is_fsdp_enabled or zero.get("stage") == 3:
+    zero = deepspeed.deepspeed_config.get("zero_optimization", {}) if deepspeed is not None else {}
+    if fsdp is not None or zero.get("stage") == 3:
         flag = next((flag for flag, wanted in (("--merge_adapter", adapter_args.merge_adapter),
                                                ("--export_peft", adapter_args.export_peft)) if wanted), None)
         if flag is not None:
@@ -421,14 +457,14 @@ def check_sharding(trainer, adapter_args):
                 f"{flag} needs the whole model in one process, which FSDP and DeepSpeed ZeRO-3 shard: drop it here, "
                 f"and run it on the saved adapter afterwards in one process (--load_adapter DIR {flag})."
             )
-    if trainer.is_fsdp_enabled and state.fsdp_plugin.fsdp_version != 2:
+    if fsdp is not None and fsdp.fsdp_version != 2:
         raise UsageError(
             "--train_adapter under FSDP needs fsdp_version: 2 in the accelerate config: with FSDP1 the adapter cannot "
             "be saved from the sharded model (configs/fsdp.yaml is a configuration that works)."
         )
-    if trainer.is_fsdp_enabled and "FULL_STATE_DICT" not in str(state.fsdp_plugin.state_dict_type):
+    if fsdp is not None and "FULL_STATE_DICT" not in str(fsdp.state_dict_type):
         raise UsageError(
-            f"--train_adapter under FSDP with {state.fsdp_plugin.state_dict_type} would save no adapter; set "
+            f"--train_adapter under FSDP with {fsdp.state_dict_type} would save no adapter; set "
             "fsdp_state_dict_type: FULL_STATE_DICT in the accelerate config."
         )
     if zero.get("stage") == 3 and not zero.get("stage3_gather_16bit_weights_on_model_save", False):

@@ -6,6 +6,7 @@ plain data parallel instead. torch's FSDP2 itself shards over CPU processes (glo
 test can check on CPUs what the scripts do with a sharded model: train it, and save a complete adapter from it.
 """
 
+import importlib
 import runpy
 import sys
 from pathlib import Path
@@ -28,4 +29,6 @@ def init_with_fsdp_on_cpu(self, *args, fsdp_plugin=None, **kwargs):
 accelerate.state.AcceleratorState.__init__ = init_with_fsdp_on_cpu
 script, sys.argv = sys.argv[1], sys.argv[1:]
 sys.path.insert(0, str(Path(script).resolve().parent))  # as `python script` does: lmtune/ beside it is importable
+# The scripts' own checks, made before the Trainer's accelerator exists, follow accelerate's gate: lifted alike.
+importlib.import_module("lmtune.training").FSDP_DISTRIBUTED_TYPES.add(DistributedType.MULTI_CPU)
 runpy.run_path(script, run_name="__main__")

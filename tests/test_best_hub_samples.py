@@ -16,6 +16,7 @@ from transformers import AutoTokenizer
 
 import run_clm
 import run_mlm
+from lmtune import training
 from lmtune.output_dir import LOCK_FILE
 
 
@@ -228,3 +229,25 @@ def test_the_trainers_pushes_of_checkpoints_leave_the_runs_lock_behind(assets, f
     pushed = {path.name for path in (fake_hub / "user/every-save").rglob("*")}
     assert "training_args.bin" in pushed  # the output folder went up while the run held it
     assert LOCK_FILE not in pushed
+
+
+def test_the_push_uploads_the_folder_that_the_final_save_wrote_without_saving_again(assets, fake_hub, tmp_path,
+                                                                                      monkeypatch):
+    # Under FSDP, DeepSpeed ZeRO-3 and XLA only save_model gathers the weights: each push (the Trainer's at the end of
+    # training, then the run's with the card) saved again from the live model, over the good files, and uploaded that.
+    saves, save_adapter_files = [], training.save_adapter_files
+    monkeypatch.setattr(training, "save_adapter_files", lambda model, folder, *args, **kwargs: (
+        saves.append(folder), save_adapter_files(model, folder, *args, **kwargs)))
+    trained = tmp_path / "trained"
+    run_clm.main(tiny_run_arguments(run_clm, assets, trained, "--do_train", "--train_adapter", "--max_steps", "2",
+                                    "--push_to_hub", "--hub_model_id", "user/saved-once"))
+    assert saves == [trained / "clm"]
+    # An evaluation alone has no final save: its push saves first, through save_model as well.
+    evaluated = tmp_path / "evaluated"
+    run_clm.main(tiny_run_arguments(run_clm, assets, evaluated, "--do_eval", "--load_adapter", trained / "clm",
+                                    "--push_to_hub", "--hub_model_id", "user/evaluated"))
+    assert saves == [trained / "clm", evaluated / "clm"]
+    for folder, repo in ((trained, "user/saved-once"), (evaluated, "user/evaluated")):
+        files = sorted((folder / "clm").iterdir())
+        assert sorted(path.name for path in (fake_hub / repo).iterdir()) == [path.name for path in files]
+        assert all((fake_hub / repo / path.name).read_bytes() == path.read_bytes() for path in files)

@@ -20,7 +20,8 @@ from types import SimpleNamespace
 import psutil
 import pytest
 import torch
-from conftest import REPO, read_json, tiny_run_arguments
+from accelerate.utils import DistributedType
+from conftest import REPO, assert_refused_in_one_line, read_json, tiny_run_arguments
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -218,52 +219,68 @@ def test_a_batch_split_over_processes_is_masked_as_the_whole_batch(assets):
 # An adapter trained, and nothing asked of it that needs the whole model in one process.
 ADAPTER_ONLY = SimpleNamespace(train_adapter=True, merge_adapter=False, export_peft=False)
 
+# Shardings by what sets them: FSDP by the environment that `accelerate launch` (or --fsdp) sets, its version and
+# state dict type; DeepSpeed by the zero_optimization of --deepspeed's configuration.
+FSDP1 = {"fsdp": ("1", "FULL_STATE_DICT")}
+FSDP2_SHARDED = {"fsdp": ("2", "SHARDED_STATE_DICT")}
+FSDP2 = {"fsdp": ("2", "FULL_STATE_DICT")}
+ZERO3_WITHOUT_GATHERING = {"zero": {"stage": 3}}
+ZERO3 = {"zero": {"stage": 3, "stage3_gather_16bit_weights_on_model_save": True}}
+ZERO2 = {"zero": {"stage": 2}}
 
-def trainer_with(fsdp=None, deepspeed=None):
-    """A stand-in for a Trainer under FSDP or DeepSpeed, with what check_sharding reads."""
-    state = SimpleNamespace(fsdp_plugin=fsdp, deepspeed_plugin=deepspeed)
-    return SimpleNamespace(is_fsdp_enabled=fsdp is not None, is_deepspeed_enabled=deepspeed is not None,
-                           accelerator=SimpleNamespace(state=state))
+
+def arguments_under(monkeypatch, fsdp=None, zero=None, distributed_type=DistributedType.MULTI_GPU):
+    """A stand-in for the training arguments of processes on GPUs, with what check_sharding reads."""
+    monkeypatch.delenv("ACCELERATE_USE_FSDP", raising=False)
+    if fsdp is not None:
+        version, state_dict_type = fsdp
+        for key, value in (("ACCELERATE_USE_FSDP", "true"), ("FSDP_VERSION", version),
+                           ("FSDP_STATE_DICT_TYPE", state_dict_type)):
+            monkeypatch.setenv(key, value)
+    deepspeed = None if zero is None else SimpleNamespace(deepspeed_config={"zero_optimization": zero})
+    return SimpleNamespace(distributed_state=SimpleNamespace(distributed_type=distributed_type),
+                           deepspeed_plugin=deepspeed)
 
 
-@pytest.mark.parametrize("trainer, flagged", [
-    (trainer_with(fsdp=SimpleNamespace(fsdp_version=1, state_dict_type="FULL_STATE_DICT")), "fsdp_version: 2"),
-    (trainer_with(fsdp=SimpleNamespace(fsdp_version=2, state_dict_type="SHARDED_STATE_DICT")), "FULL_STATE_DICT"),
-    (trainer_with(deepspeed=SimpleNamespace(deepspeed_config={"zero_optimization": {"stage": 3}})),
-     "stage3_gather_16bit_weights_on_model_save"),
+@pytest.mark.parametrize("sharding, flagged", [
+    (FSDP1, "fsdp_version: 2"), (FSDP2_SHARDED, "FULL_STATE_DICT"),
+    (ZERO3_WITHOUT_GATHERING, "stage3_gather_16bit_weights_on_model_save"),
 ], ids=["fsdp1", "sharded-state-dict", "zero3-without-gathering"])
-def test_a_sharding_the_adapter_could_not_be_saved_from_is_refused(trainer, flagged):
-    adapter_args = ADAPTER_ONLY
+def test_a_sharding_the_adapter_could_not_be_saved_from_is_refused(sharding, flagged, monkeypatch):
+    training_args = arguments_under(monkeypatch, **sharding)
     with pytest.raises(run_clm.UsageError, match=flagged):
-        check_sharding(trainer, adapter_args)
-    check_sharding(trainer, SimpleNamespace(train_adapter=False))  # the Trainer saves a whole model itself
+        check_sharding(training_args, ADAPTER_ONLY)
+    check_sharding(training_args, SimpleNamespace(train_adapter=False))  # the Trainer saves a whole model itself
 
 
-@pytest.mark.parametrize("trainer", [
-    trainer_with(fsdp=SimpleNamespace(fsdp_version=2, state_dict_type="StateDictType.FULL_STATE_DICT")),
-    trainer_with(deepspeed=SimpleNamespace(deepspeed_config={"zero_optimization": {
-        "stage": 3, "stage3_gather_16bit_weights_on_model_save": True}})),
-    trainer_with(deepspeed=SimpleNamespace(deepspeed_config={"zero_optimization": {"stage": 2}})),
-], ids=["fsdp2-full-state-dict", "zero3-gathering", "zero2"])
-def test_a_sharding_the_adapter_can_be_saved_from_is_accepted(trainer):
-    check_sharding(trainer, ADAPTER_ONLY)
+@pytest.mark.parametrize("sharding", [FSDP2, ZERO3, ZERO2], ids=["fsdp2-full-state-dict", "zero3-gathering", "zero2"])
+def test_a_sharding_the_adapter_can_be_saved_from_is_accepted(sharding, monkeypatch):
+    check_sharding(arguments_under(monkeypatch, **sharding), ADAPTER_ONLY)
 
 
 @pytest.mark.parametrize("flag", ["merge_adapter", "export_peft"])
-@pytest.mark.parametrize("trainer", [
-    trainer_with(fsdp=SimpleNamespace(fsdp_version=2, state_dict_type="StateDictType.FULL_STATE_DICT")),
-    trainer_with(deepspeed=SimpleNamespace(deepspeed_config={"zero_optimization": {
-        "stage": 3, "stage3_gather_16bit_weights_on_model_save": True}})),
-], ids=["fsdp2", "zero3"])
-def test_what_needs_the_whole_model_in_one_process_is_refused_under_a_sharded_model(trainer, flag):
+@pytest.mark.parametrize("sharding", [FSDP2, ZERO3], ids=["fsdp2", "zero3"])
+def test_what_needs_the_whole_model_in_one_process_is_refused_under_a_sharded_model(sharding, flag, monkeypatch):
     with pytest.raises(run_clm.UsageError, match=f"--{flag} needs the whole model in one process"):
-        check_sharding(trainer, SimpleNamespace(**{**vars(ADAPTER_ONLY), flag: True}))
-    zero2 = trainer_with(deepspeed=SimpleNamespace(deepspeed_config={"zero_optimization": {"stage": 2}}))
+        check_sharding(arguments_under(monkeypatch, **sharding), SimpleNamespace(**{**vars(ADAPTER_ONLY), flag: True}))
+    zero2 = arguments_under(monkeypatch, **ZERO2)
     check_sharding(zero2, SimpleNamespace(**{**vars(ADAPTER_ONLY), flag: True}))  # each process holds it whole
 
 
 def test_an_fsdp_configuration_that_accelerate_drops_on_cpus_is_pointed_out(monkeypatch, caplog):
-    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")  # what `accelerate launch --config_file configs/fsdp.yaml` sets
+    # What `accelerate launch --config_file configs/fsdp.yaml` sets, here with FSDP1, on CPU processes.
+    on_cpus = arguments_under(monkeypatch, **FSDP1, distributed_type=DistributedType.MULTI_CPU)
     with caplog.at_level(logging.WARNING, logger="lmtune.training"):
-        check_sharding(trainer_with(), ADAPTER_ONLY)  # data parallel after all
+        check_sharding(on_cpus, ADAPTER_ONLY)  # data parallel after all: nothing to refuse
     assert "FSDP is configured, but accelerate runs it on GPUs and other accelerators only" in caplog.text
+
+
+def test_a_sharding_the_adapter_could_not_be_saved_from_is_refused_before_the_data_is_read(assets, monkeypatch,
+                                                                                            tmp_path, capsys):
+    # One process stands for the GPUs that FSDP would apply on; the refusal once came after the data was tokenized
+    # and the Trainer built, with the output folder claimed.
+    monkeypatch.setattr("lmtune.training.FSDP_DISTRIBUTED_TYPES", {DistributedType.NO})
+    arguments_under(monkeypatch, **FSDP1)
+    monkeypatch.setattr(run_clm, "load_raw_datasets", lambda *args: pytest.fail("the data was read"))
+    argv = tiny_run_arguments(run_clm, assets, tmp_path / "out", "--do_train", "--train_adapter")
+    assert_refused_in_one_line(run_clm, argv, "fsdp_version: 2", capsys, tmp_path / "out")

@@ -127,13 +127,22 @@ def quantized_loss_tolerance(eval_results, block_size=32):
     return torch.finfo(torch.bfloat16).eps * eval_results["eval_loss"] / math.sqrt(tokens)
 
 
-def test_4bit_lora_trains_reloads_exactly_and_merges_onto_the_full_precision_base(assets, tiny_llama, tmp_path):
+def test_4bit_lora_trains_reloads_exactly_and_merges_onto_the_full_precision_base(assets, tiny_llama, tmp_path,
+                                                                                   capsys):
     pytest.importorskip("bitsandbytes")
     common = ["--model_name_or_path", tiny_llama, "--train_adapter"]
     # One batch, seen again at every step: the loss of a working adapter falls step after step.
     run_clm.main(arguments(run_clm, assets, tmp_path / "run", *common, "--adapter_config", "lora", "--load_in_4bit",
                            "--do_train", "--do_eval", "--max_train_samples", "4", "--max_steps", "6",
                            "--learning_rate", "5e-2", "--logging_steps", "1", "--merge_adapter"))
+    # The summary counts the weights the model holds, as in full precision: bitsandbytes packs two 4-bit weights in
+    # each byte of a parameter, which counted half of them.
+    full_precision = AutoModelForCausalLM.from_pretrained(tiny_llama)
+    adapters.init(full_precision)
+    full_precision.add_adapter("clm", config="lora")
+    in_adapter = sum(weight.numel() for name, weight in full_precision.named_parameters() if "loras" in name)
+    total = full_precision.num_parameters()
+    assert f"trainable parameters: {in_adapter:,} of {total:,} (" in capsys.readouterr().out
     losses = [entry["loss"] for entry in read_json(tmp_path / "run" / "trainer_state.json")["log_history"]
               if "loss" in entry]
     assert len(losses) == 6 and losses[-1] < losses[0] - 0.1
@@ -143,6 +152,8 @@ def test_4bit_lora_trains_reloads_exactly_and_merges_onto_the_full_precision_bas
     # Evaluated alone, as README shows: no --train_adapter.
     reloaded = run_clm.main(arguments(run_clm, assets, tmp_path / "reload", "--model_name_or_path", tiny_llama,
                                       "--load_in_4bit", "--load_adapter", tmp_path / "run" / "clm", "--do_eval"))
+    evaluated = f"model: frozen, nothing trained: {total:,} parameters evaluated, {in_adapter:,} ("
+    assert evaluated in capsys.readouterr().out
     trained = read_json(tmp_path / "run" / "eval_results.json")
     assert reloaded["eval_loss"] == pytest.approx(trained["eval_loss"], abs=quantized_loss_tolerance(trained))
 

@@ -26,8 +26,11 @@ FUSED_MESSAGE = "Training with --optim adamw_torch: transformers' default, adamw
 
 
 def on_xla(script, arguments):
-    """Run script through tools/xla_spawn.py on XLA's CPU device; the CompletedProcess, output and errors together."""
+    """Run script through tools/xla_spawn.py on XLA's CPU device, with the default --num_samples (the tests' quiet
+    flags set 0); the CompletedProcess, output and errors together."""
     env = {**os.environ, "PJRT_DEVICE": "CPU"}
+    at = arguments.index("--num_samples")
+    arguments = arguments[:at] + arguments[at + 2:]
     return subprocess.run([sys.executable, str(REPO / "tools/xla_spawn.py"), script.__file__, *arguments],
                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, timeout=600)
 
@@ -59,6 +62,8 @@ def test_clm_adapter_on_xla_saves_the_adapter_alone_resumes_and_reloads_on_cpu(a
     straight = tmp_path / "straight"
     output = succeeded(on_xla(run_clm, arguments(straight)))  # no --optim: transformers' default, adamw_torch_fused
     assert FUSED_MESSAGE in output
+    # The default samples are skipped in one line: generating compiled a graph per token and ended the run (139).
+    assert "No samples on XLA (TPUs)" in output and not (straight / "samples.jsonl").exists()
     summary = next(line.strip() for line in output.splitlines() if "saved adapter:" in line)
     assert summary.startswith(f"saved adapter: {straight / 'clm'} (") and "(0.00 MB)" not in summary  # was 0.00 MB
     for folder in (straight, straight / "checkpoint-2", straight / "checkpoint-4"):

@@ -6,10 +6,11 @@
 # 1. builds a virtual environment with torch_xla (XLA_VENV, default .xla-venv in the repository; skipped if it
 #    already imports torch_xla); PyPI's torch 2.9.0 for Linux is the CUDA build, with ~3 GB of nvidia-* wheels: ~7.6 GB in all;
 # 2. builds the tiny assets (tools/make_tiny_assets.py --models) in WORK_DIR (default: a new temporary folder);
-# 3. runs through tools/xla_spawn.py, as a TPU run would: an adapter training of each script, with transformers'
-#    default optimizer (no --optim) and checkpoints; a resume from a checkpoint; evaluations; run_mlm with
-#    --line_by_line --pad_to_max_length; an explicit --optim adamw_torch_fused (refused in one line);
-# 4. reloads each saved adapter in plain CPU torch (CPU_PYTHON, default: python, the project's environment) and
+# 3. runs through tools/xla_spawn.py, as a TPU run would, with the scripts' default flags (the samples of
+#    --num_samples 3 are skipped on XLA in one line): an adapter training of each script, with transformers' default
+#    optimizer (no --optim) and checkpoints; a resume from a checkpoint; evaluations; --push_to_hub to a local fake
+#    hub; run_mlm with --line_by_line --pad_to_max_length; an explicit --optim adamw_torch_fused (refused in one line);
+# 4. reloads each saved (and the pushed) adapter in plain CPU torch (CPU_PYTHON, default: python, the project's environment) and
 #    compares the evaluation loss with the one computed on XLA (within 1e-4).
 # Exits non-zero at the first failed check.
 set -euo pipefail
@@ -56,7 +57,7 @@ xla() {
     shift 2
     local start=$SECONDS
     "$XLA_PYTHON" "$REPO/tools/xla_spawn.py" "$REPO/$script" --output_dir "$WORK/$name" \
-        --report_to none --disable_tqdm true --num_samples 0 --seed 7 "$@" >"$WORK/$name.log" 2>&1 || {
+        --report_to none --disable_tqdm true --seed 7 "$@" >"$WORK/$name.log" 2>&1 || {
         local status=$?; tail -20 "$WORK/$name.log" >&2; fail "$name: $script exited with status $status"; }
     echo "$name: $script on XLA, $((SECONDS - start)) s"
 }
@@ -106,6 +107,9 @@ echo "ok: logged the optimizer chosen for XLA"
 saved=$(grep -o "saved adapter: .*" "$WORK/clm.log") || fail "clm: no saved adapter line in the summary"
 [[ $saved == "saved adapter: $WORK/clm/clm ("* && $saved != *"(0.00 MB)" ]] || fail "clm: summary says: $saved"
 echo "ok: summary: $saved"
+grep -q "No samples on XLA (TPUs)" "$WORK/clm.log" && [ ! -e "$WORK/clm/samples.jsonl" ] \
+    || fail "clm: the default --num_samples 3 on XLA was not skipped with its line"
+echo "ok: the default samples skipped on XLA, in one line"
 check '
 for folder in (W / "clm", W / "clm/checkpoint-2", W / "clm/checkpoint-4"):
     files = sorted(p.name for p in (folder / "clm").iterdir())
@@ -138,6 +142,45 @@ step "run_clm: the saved adapter evaluated in plain CPU torch"
 cpu_reload clm-cpu run_clm.py "$WORK/clm/clm" --model_name_or_path "$A/tiny-gpt2-nodrop" \
     --validation_file "$A/code_validation.txt" --block_size 32 --max_eval_samples 16
 same_on_cpu clm clm-cpu clm "CPU eval loss of the reloaded adapter = XLA eval loss (within 1e-4)"
+
+step "run_clm: --push_to_hub on XLA, to a local fake hub; the pushed adapter reloaded in plain CPU torch"
+# The hub client writes each repository into $WORK/hub instead of uploading it (as tests/test_best_hub_samples.py
+# does); torch_xla runs one process in this one here, so the stand-ins apply to the run.
+start=$SECONDS
+"$XLA_PYTHON" - "$REPO" "$WORK/hub" "${CLM[@]}" --do_train --do_eval --max_steps 2 --save_strategy no --push_to_hub \
+    --hub_model_id user/xla-clm --output_dir "$WORK/clm-push" --report_to none --disable_tqdm true --seed 7 \
+    >"$WORK/clm-push.log" 2>&1 <<'EOF' || { tail -20 "$WORK/clm-push.log" >&2; fail "clm-push: exited with an error"; }
+import concurrent.futures, runpy, shutil, sys
+from pathlib import Path
+import huggingface_hub, transformers.trainer
+repo, hub = sys.argv[1], Path(sys.argv[2])
+
+def upload_folder(self, *, repo_id, folder_path, **kwargs):
+    shutil.copytree(folder_path, hub / repo_id, dirs_exist_ok=True)
+    done = concurrent.futures.Future()
+    done.set_result(None)
+    return done
+
+huggingface_hub.HfApi.upload_folder = upload_folder
+transformers.trainer.create_repo = lambda repo_id, **kwargs: huggingface_hub.RepoUrl(f"https://huggingface.co/{repo_id}")
+sys.argv = [f"{repo}/tools/xla_spawn.py", f"{repo}/run_clm.py", *sys.argv[3:]]
+runpy.run_path(sys.argv[0], run_name="__main__")
+EOF
+echo "clm-push: run_clm.py on XLA, $((SECONDS - start)) s"
+check '
+pushed, saved = W / "hub/user/xla-clm", W / "clm-push/clm"
+files = sorted(p.name for p in saved.iterdir())
+assert files == ["README.md", "adapter.safetensors", "adapter_config.json", "pytorch_adapter.bin"], files
+assert sorted(p.name for p in pushed.iterdir()) == files
+assert all((pushed / name).read_bytes() == (saved / name).read_bytes() for name in files)
+' "the hub holds the files of the final save as written (adapter, config, card)"
+cpu_reload clm-push-cpu run_clm.py "$WORK/hub/user/xla-clm" --model_name_or_path "$A/tiny-gpt2-nodrop" \
+    --validation_file "$A/code_validation.txt" --block_size 32 --max_eval_samples 16
+check '
+a, b = metrics("clm-push")["eval_loss"], metrics("clm-push-cpu")["eval_loss"]
+assert abs(a - b) < 1e-4, (a, b)
+print("   XLA %.6f, CPU %.6f" % (a, b))
+' "the pushed adapter, reloaded in CPU torch, evaluates to the XLA eval loss (within 1e-4)"
 
 step "run_mlm: adapter training (grouped texts), evaluation, CPU reload"
 xla mlm run_mlm.py "${MLM[@]}" --do_train --do_eval --max_steps 4 --save_strategy no

@@ -110,5 +110,5 @@ def test_no_samples_are_generated_on_xla_said_in_one_line(caplog):
     # Generating on XLA compiles a new graph for every token: on XLA's CPU device the run then died (exit 139).
     trainer = SimpleNamespace(args=SimpleNamespace(device=torch.device("xla")), model=torch.nn.Linear(1, 1))
     with caplog.at_level(logging.WARNING, logger="lmtune.reporting"):
-        assert write_samples(trainer, None, None, 32, SimpleNamespace(num_samples=3), None, None, None, None) is None
+        assert write_samples(None, trainer, None, None, 32, SimpleNamespace(num_samples=3), None) is None
     assert "No samples on XLA (TPUs)" in caplog.text

@@ -260,12 +260,16 @@ def training_summary(model, metrics, tokens_per_example, training_args, adapter_
     else:
         saved = output_dir
         files = weight_files(output_dir)
-    throughput = f"{metrics['train_samples_per_second']:.1f} samples/s"
-    if tokens_per_example:
-        throughput += f", {metrics['train_samples_per_second'] * tokens_per_example:,.0f} tokens/s"
+    if "train_samples_per_second" in metrics:
+        throughput = f"{metrics['train_samples_per_second']:.1f} samples/s"
+        if tokens_per_example:
+            throughput += f", {metrics['train_samples_per_second'] * tokens_per_example:,.0f} tokens/s"
+        training = f"training: {metrics['train_runtime']:.1f} s ({throughput})"
+    else:  # LanguageModelingTrainer.train leaves the throughput out
+        training = "training: none left to do, the checkpoint resumed from is at the last step"
     return [
         f"trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.2f}%)",
-        f"training: {metrics['train_runtime']:.1f} s ({throughput})",
+        training,
         f"saved {'adapter' if adapter_args.train_adapter else 'model'}: {saved} ({megabytes(files)})",
     ]
 

@@ -14,7 +14,7 @@ import torch
 from adapters.loading import AdapterLoader
 from transformers.trainer_pt_utils import get_model_param_count
 
-from lmtune.adapter_setup import adapters_off, init_adapters, reads_tuple_cache
+from lmtune.adapter_setup import adapters_off, half_precision_autocast, init_adapters, reads_tuple_cache
 from lmtune.arguments import quantizes, uses_adapter
 from lmtune.data import read_prompts
 from lmtune.errors import shorten
@@ -94,17 +94,19 @@ def write_merged_model(model, tokenizer, model_args, training_args, adapter_args
     adapter_model = copy_to_merge(model, tokenizer, model_args, adapter_args)
     adapter_model.eval()
     inputs = tokenizer("A merged model must say what the adapter says.", return_tensors="pt").to(adapter_model.device)
-    with torch.no_grad():
-        expected = adapter_model(**inputs).logits
+    # Both models compute in the base model's dtype, the merged one's: in half precision the float32 adapter runs
+    # under autocast, as it trained.
+    with torch.no_grad(), half_precision_autocast(adapter_model):
+        expected = adapter_model(**inputs).logits.float()
     adapter_model.merge_adapter(adapter_args.adapter_name)
     merged = plain_model(adapter_model)
     del adapter_model
     merged.eval()
-    with torch.no_grad():
-        difference = (merged(**inputs).logits - expected).abs().max().item()
-    # Folded weights change the order of floating-point sums: a few units of the dtype's precision, relative to the
-    # logits. A forgotten or misplaced weight change is far larger.
-    tolerance = max(1e-4, 4 * torch.finfo(expected.dtype).eps) * max(1.0, expected.abs().max().item())
+    with torch.no_grad(), half_precision_autocast(merged):
+        difference = (merged(**inputs).logits.float() - expected).abs().max().item()
+    # Folded weights are rounded to the dtype and change the order of floating-point sums: a few units of its
+    # precision, relative to the logits. A forgotten or misplaced weight change is far larger.
+    tolerance = max(1e-4, 4 * torch.finfo(merged.dtype).eps) * max(1.0, expected.abs().max().item())
     if difference > tolerance:
         raise RuntimeError(
             f"The merged model's logits differ from the adapter model's by {difference:.3g}, more than "
@@ -230,9 +232,10 @@ def print_summary(trainer, metrics, tokens_per_example, curves, samples, merged,
         lines = [evaluated_model_summary(trainer.model, adapter_args)]
     if training_args.do_eval:
         lines.append(evaluation_summary(trainer, metrics, tokens_per_example, training_args))
-    if merged is not None:
+    # Only what is there: transformers' save_pretrained logs an error and returns where its folder is a file.
+    if merged is not None and weight_files(merged):
         lines.append(f"merged model: {merged} ({megabytes(weight_files(merged))})")
-    if peft is not None:
+    if peft is not None and weight_files(peft):
         lines.append(f"PEFT adapter: {peft} ({megabytes(weight_files(peft))})")
     if curves is not None:
         lines.append(f"training curves: {curves}")

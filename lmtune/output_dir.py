@@ -64,23 +64,61 @@ def claimed_output_dir(training_args):
     except UsageError:
         raise
     except Exception as error:  # the Rust libraries report a full disk as a plain Exception
-        reason, path = why_write_failed(error, output_dir)
-        if reason is None:
+        refusal = refused_write(error, training_args)
+        if refusal is None:
             raise
-        if path is not None and not Path(path).resolve().is_relative_to(output_dir.resolve()):
-            raise UsageError(
-                f"Could not write {path} ({reason}); make room or fix the permissions there, then run the same "
-                "command again."
-            ) from None
-        raise UsageError(
-            f"Could not write to --output_dir {output_dir} ({reason}); make room or fix the permissions, then run "
-            "the same command again: it resumes from the last complete checkpoint."
-        ) from None
+        raise refusal from None
     finally:
         Path(lock.lock_file).unlink(missing_ok=True)
         lock.release()
         if created and not any(output_dir.iterdir()):
             output_dir.rmdir()  # a run that failed before writing anything leaves no empty folder behind
+
+
+@contextmanager
+def writing(what, training_args):
+    """Name what the run was writing in the one line of a write that the machine refuses (claimed_output_dir, around
+    the whole run, can name only the folder)."""
+    try:
+        yield
+    except UsageError:
+        raise
+    except Exception as error:
+        refusal = refused_write(error, training_args, what)
+        if refusal is None:
+            raise
+        raise refusal from None
+
+
+def refused_write(error, training_args, what=None):
+    """The UsageError for an error that is the machine refusing a write of the run (full, read-only, not
+    permitted), naming what was being written, where, and what the same command does when run again; None for any
+    other error."""
+    output_dir = Path(training_args.output_dir)
+    reason, path = why_write_failed(error, output_dir)
+    if reason is None:
+        return None
+    then = f"then run the same command again{what_a_rerun_does(training_args)}"
+    if path is not None and not Path(path).resolve().is_relative_to(output_dir.resolve()):
+        return UsageError(f"Could not write {what + ' to ' if what else ''}{path} ({reason}); make room or fix the "
+                          f"permissions there, {then}.")
+    at = f": {Path(path).resolve().relative_to(output_dir.resolve())}" if path is not None else ""
+    return UsageError(f"Could not write {what + ' ' if what else ''}to --output_dir {output_dir} ({reason}{at}); "
+                      f"make room or fix the permissions, {then}.")
+
+
+def what_a_rerun_does(training_args):
+    output_dir = Path(training_args.output_dir)
+    if training_args.overwrite_output_dir:
+        return ": it starts afresh (--overwrite_output_dir)"
+    if not output_dir.is_dir():
+        return ""
+    checkpoint = last_complete_checkpoint(output_dir)
+    if checkpoint is not None:
+        return f": it resumes from {Path(checkpoint).name}" if training_args.do_train else ""
+    if any(path.name != LOCK_FILE for path in output_dir.iterdir()):
+        return " with --overwrite_output_dir (no checkpoint was saved to resume from)"
+    return ""
 
 
 def lock_output_dir(output_dir):

@@ -25,6 +25,7 @@ from adapters.methods.lora import IA3, LoRA, LoRALayer, LoRALinear, LoRAMergedLi
 from safetensors.torch import save_file
 
 from lmtune.errors import UsageError
+from lmtune.output_dir import writing
 
 logger = logging.getLogger(__name__)
 
@@ -65,8 +66,9 @@ def write_peft_adapter(model, model_args, training_args, adapter_args, task_type
     if not (adapter_args.export_peft and training_args.should_save):
         return None
     revision = model_args.model_revision if model_args.model_revision != "main" else None
-    return export_peft(model, adapter_args.adapter_name, Path(training_args.output_dir) / "peft",
-                       model_args.model_name_or_path, task_type, revision=revision)
+    with writing("the PEFT adapter", training_args):
+        return export_peft(model, adapter_args.adapter_name, Path(training_args.output_dir) / "peft",
+                           model_args.model_name_or_path, task_type, revision=revision)
 
 
 def export_peft(model, adapter_name, folder, base_model_name_or_path, task_type, revision=None):

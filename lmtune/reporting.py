@@ -21,6 +21,7 @@ from lmtune.errors import shorten
 from lmtune.hardware import bf16_tip
 from lmtune.metrics import perplexity
 from lmtune.modeling import load_config, load_model, sharded
+from lmtune.output_dir import writing
 from lmtune.training import save_adapter_files
 
 logger = logging.getLogger(__name__)
@@ -62,7 +63,8 @@ def write_samples(trainer, tokenizer, raw_datasets, max_length, evaluation_args,
     samples = [{**record, **{key: values[index] for key, values in outputs.items()}}
                for index, record in enumerate(records)]
     path = Path(training_args.output_dir) / "samples.jsonl"
-    path.write_text("".join(json.dumps(sample, ensure_ascii=False) + "\n" for sample in samples))
+    with writing("the samples", training_args):
+        path.write_text("".join(json.dumps(sample, ensure_ascii=False) + "\n" for sample in samples))
     return path, samples
 
 
@@ -114,8 +116,9 @@ def write_merged_model(model, tokenizer, model_args, training_args, adapter_args
             "--adapter_config used."
         )
     folder = Path(training_args.output_dir) / "merged"
-    merged.save_pretrained(folder, safe_serialization=training_args.save_safetensors)
-    tokenizer.save_pretrained(folder)
+    with writing("the merged model", training_args):
+        merged.save_pretrained(folder, safe_serialization=training_args.save_safetensors)
+        tokenizer.save_pretrained(folder)
     return folder
 
 
@@ -164,7 +167,8 @@ def publish(trainer, model_args, data_args, training_args, task):
     if training_args.push_to_hub:
         trainer.push_to_hub(**card)
     else:
-        trainer.create_model_card(**card)
+        with writing("the model card", training_args):
+            trainer.create_model_card(**card)
 
 
 def plot_training_curves(trainer, training_args):
@@ -217,8 +221,11 @@ def plot_training_curves(trainer, training_args):
     figure.suptitle(str(training_args.output_dir))
     figure.tight_layout()
     path = Path(training_args.output_dir) / "training_curves.png"
-    figure.savefig(path, dpi=100)
-    plt.close(figure)
+    try:
+        with writing("the plot of the training curves", training_args):
+            figure.savefig(path, dpi=100)
+    finally:
+        plt.close(figure)
     return str(path)
 
 

@@ -29,6 +29,7 @@ from lmtune.errors import StoppedBySignal, UsageError, first_line
 from lmtune.hardware import launcher_configures
 from lmtune.logs import log_message_dropped
 from lmtune.metrics import perplexity, sliding_window_loss
+from lmtune.output_dir import writing
 
 logger = logging.getLogger(__name__)
 
@@ -535,15 +536,18 @@ def check_sharding(trainer, adapter_args):
 
 def train(trainer, train_dataset, last_checkpoint, training_args):
     checkpoint = training_args.resume_from_checkpoint or last_checkpoint
-    with cache_off_while_checkpointing(trainer.model, training_args):
+    with cache_off_while_checkpointing(trainer.model, training_args), writing("a checkpoint", training_args):
         train_result = trainer.train(resume_from_checkpoint=checkpoint)
-    trainer.save_model()  # with an AdapterTrainer: the adapter alone, in <output_dir>/<adapter_name>/
+    trained = "the trained adapter" if isinstance(trainer, AdapterOnlyTrainer) else "the trained model"
+    with writing(trained, training_args):
+        trainer.save_model()  # with an AdapterTrainer: the adapter alone, in <output_dir>/<adapter_name>/
     metrics = train_result.metrics
     if not isinstance(train_dataset, datasets.IterableDataset):
         metrics["train_samples"] = len(train_dataset)
     trainer.log_metrics("train", metrics)
-    trainer.save_metrics("train", metrics)
-    trainer.save_state()
+    with writing("the metrics", training_args):
+        trainer.save_metrics("train", metrics)
+        trainer.save_state()
     return metrics
 
 
@@ -575,7 +579,8 @@ def evaluate(trainer, eval_dataset, sliding_window=None):
     if sliding_window is not None:
         metrics.update(sliding_window_metrics(trainer, sliding_window))
     trainer.log_metrics("eval", metrics)
-    trainer.save_metrics("eval", metrics)
+    with writing("the metrics", trainer.args):
+        trainer.save_metrics("eval", metrics)
     return metrics
 
 

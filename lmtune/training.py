@@ -81,7 +81,18 @@ class LanguageModelingTrainer(Trainer):
         for callback in self.callback_handler.callbacks:
             if isinstance(callback, TrainLossSum):
                 callback.loss_sum = self.loss_sum()
+        if "loss" in logs and self.divergence.finite is not None and self.args.world_size > 1:
+            # Every process stops at the same log, or the others would wait for it forever.
+            non_finite = self.accelerator.reduce((~self.divergence.finite).int(), reduction="sum")
+            self.divergence.finite = non_finite == 0
         super().log(logs, start_time)
+
+    def save_model(self, output_dir=None, _internal_call=False):
+        # Every checkpoint and the final save: a step can leave the weights infinite while its loss was finite. A
+        # process of FSDP or DeepSpeed holds a shard of them, which could stop it alone while the others wait for it.
+        if not (self.is_fsdp_enabled or self.is_deepspeed_enabled):
+            self.divergence.check_weights(self.model, self.args, self.state)
+        super().save_model(output_dir, _internal_call)
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         loss = super().training_step(model, inputs, num_items_in_batch)
@@ -207,7 +218,9 @@ class StopOnDivergence(TrainerCallback):
     non-finite one, while the step's NaN gradients still reach the weights; so the trainer notes every step's loss
     here (note), and the note is read at the next log, where the Trainer synchronises anyway. Every checkpoint and
     the last step come after a log (LogLossWhereItCounts): no diverged weights are saved. Under fp16 the loss scaler
-    skips the steps whose gradients are not finite, leaving the weights as they were, so only the loss is judged."""
+    skips the steps whose gradients are not finite, leaving the weights as they were, so only the loss is judged.
+    A step can also leave the weights infinite from a finite loss and gradient: the trainer checks the weights before
+    it saves them (check_weights)."""
 
     def __init__(self, vocab_size, loss_scaled=False):
         self.limit = max(50.0, 4 * math.log(max(vocab_size, 2)))
@@ -233,11 +246,20 @@ class StopOnDivergence(TrainerCallback):
             reason = f"the gradient norm is {grad_norm}"
         else:
             return
-        raise UsageError(
-            f"Training diverged at step {state.global_step}: {reason}; lower --learning_rate "
-            f"({args.learning_rate:g}) or clip the gradients with --max_grad_norm, and run again (checkpoints written "
-            "before this step are kept)."
-        )
+        raise diverged(args, state, reason)
+
+    @staticmethod
+    def check_weights(model, args, state):
+        finite = [torch.isfinite(weight).all() for weight in model.parameters() if weight.requires_grad]
+        if finite and not torch.stack(finite).all():
+            raise diverged(args, state, "the trained weights are no longer finite")
+
+
+def diverged(args, state, reason):
+    return UsageError(
+        f"Training diverged at step {state.global_step}: {reason}; lower --learning_rate ({args.learning_rate:g}) or "
+        "clip the gradients with --max_grad_norm, and run again (checkpoints written before this step are kept)."
+    )
 
 
 # What a scheduler or a spot instance sends before it kills a job (SIGTERM), and what SLURM can be asked to send

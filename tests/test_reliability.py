@@ -157,8 +157,10 @@ def test_a_disk_that_fills_up_ends_in_one_line_and_the_rerun_resumes_exactly(ass
         output_dir = tmp_path / "disk" / "run"
         assert run_clm.cli(arguments(run_clm, assets, output_dir, *extra)) == 2
         line = capsys.readouterr().err.strip().splitlines()[-1]
-        assert line.startswith(f"run_clm.py: error: Could not write to --output_dir {output_dir} (No space left on "
-                               "device); make room or fix the permissions, then run the same command again")
+        assert line.startswith(f"run_clm.py: error: Could not write a checkpoint to --output_dir {output_dir} (No "
+                               "space left on device")
+        assert line.endswith("make room or fix the permissions, then run the same command again: it resumes from "
+                             "checkpoint-4.")
         assert last_complete_checkpoint(output_dir) == str(output_dir / "checkpoint-4")
         resize("8m")
         resumed = run_clm.main(arguments(run_clm, assets, output_dir, *extra))

@@ -36,7 +36,12 @@ from lmtune.logs import setup_logging
 from lmtune.metrics import token_losses
 from lmtune.modeling import example_length, load_config, load_model, load_tokenizer, tokenizer_source
 from lmtune.objective import Objective, with_prompt_labels
-from lmtune.output_dir import check_resume_checkpoint, claimed_output_dir, detect_last_checkpoint
+from lmtune.output_dir import (
+    check_nothing_in_the_way,
+    check_resume_checkpoint,
+    claimed_output_dir,
+    detect_last_checkpoint,
+)
 from lmtune.peft_export import write_peft_adapter
 from lmtune.reporting import Written, plot_training_curves, print_summary, publish, write_merged_model, write_samples
 from lmtune.training import add_early_stopping, build_trainer, evaluate, train
@@ -342,6 +347,7 @@ def main(argv=None):
     with claimed_output_dir(training_args):
         last_checkpoint = detect_last_checkpoint(training_args)
         check_resume_checkpoint(last_checkpoint, training_args, adapter_args)
+        check_nothing_in_the_way(training_args, adapter_args, evaluation_args)
         set_seed(training_args.seed)
 
         config = load_config(model_args)

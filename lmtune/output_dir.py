@@ -11,7 +11,9 @@ from pathlib import Path
 
 import filelock
 from adapters import AdapterConfig
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
+from lmtune.arguments import uses_adapter
 from lmtune.errors import UsageError, write_failure
 
 logger = logging.getLogger(__name__)
@@ -20,6 +22,8 @@ logger = logging.getLogger(__name__)
 # Held by the run writing into --output_dir, and removed when it ends. The Trainer's pushes of the output folder to
 # the hub leave out names that begin with "_".
 LOCK_FILE = "_run.lock"
+# The fix for a file or folder in the way of one that the run writes.
+MOVE_IT = "move it out of the way, or choose another --output_dir."
 # What a checkpoint of a fully fine-tuned model holds its weights in, whole or sharded.
 MODEL_WEIGHT_FILES = ["model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
                       "pytorch_model.bin.index.json"]
@@ -60,23 +64,61 @@ def claimed_output_dir(training_args):
     except UsageError:
         raise
     except Exception as error:  # the Rust libraries report a full disk as a plain Exception
-        reason, path = why_write_failed(error, output_dir)
-        if reason is None:
+        refusal = refused_write(error, training_args)
+        if refusal is None:
             raise
-        if path is not None and not Path(path).resolve().is_relative_to(output_dir.resolve()):
-            raise UsageError(
-                f"Could not write {path} ({reason}); make room or fix the permissions there, then run the same "
-                "command again."
-            ) from None
-        raise UsageError(
-            f"Could not write to --output_dir {output_dir} ({reason}); make room or fix the permissions, then run "
-            "the same command again: it resumes from the last complete checkpoint."
-        ) from None
+        raise refusal from None
     finally:
         Path(lock.lock_file).unlink(missing_ok=True)
         lock.release()
         if created and not any(output_dir.iterdir()):
             output_dir.rmdir()  # a run that failed before writing anything leaves no empty folder behind
+
+
+@contextmanager
+def writing(what, training_args):
+    """Name what the run was writing in the one line of a write that the machine refuses (claimed_output_dir, around
+    the whole run, can name only the folder)."""
+    try:
+        yield
+    except UsageError:
+        raise
+    except Exception as error:
+        refusal = refused_write(error, training_args, what)
+        if refusal is None:
+            raise
+        raise refusal from None
+
+
+def refused_write(error, training_args, what=None):
+    """The UsageError for an error that is the machine refusing a write of the run (full, read-only, not
+    permitted), naming what was being written, where, and what the same command does when run again; None for any
+    other error."""
+    output_dir = Path(training_args.output_dir)
+    reason, path = why_write_failed(error, output_dir)
+    if reason is None:
+        return None
+    then = f"then run the same command again{what_a_rerun_does(training_args)}"
+    if path is not None and not Path(path).resolve().is_relative_to(output_dir.resolve()):
+        return UsageError(f"Could not write {what + ' to ' if what else ''}{path} ({reason}); make room or fix the "
+                          f"permissions there, {then}.")
+    at = f": {Path(path).resolve().relative_to(output_dir.resolve())}" if path is not None else ""
+    return UsageError(f"Could not write {what + ' ' if what else ''}to --output_dir {output_dir} ({reason}{at}); "
+                      f"make room or fix the permissions, {then}.")
+
+
+def what_a_rerun_does(training_args):
+    output_dir = Path(training_args.output_dir)
+    if training_args.overwrite_output_dir:
+        return ": it starts afresh (--overwrite_output_dir)"
+    if not output_dir.is_dir():
+        return ""
+    checkpoint = last_complete_checkpoint(output_dir)
+    if checkpoint is not None:
+        return f": it resumes from {Path(checkpoint).name}" if training_args.do_train else ""
+    if any(path.name != LOCK_FILE for path in output_dir.iterdir()):
+        return " with --overwrite_output_dir (no checkpoint was saved to resume from)"
+    return ""
 
 
 def lock_output_dir(output_dir):
@@ -111,6 +153,51 @@ def why_write_failed(error, folder):
     if not isinstance(error, OSError) and shutil.disk_usage(folder).free < 1 << 20:
         return os.strerror(errno.ENOSPC), None
     return None, None
+
+
+def check_nothing_in_the_way(training_args, adapter_args, evaluation_args):
+    """Refuse now, before anything is loaded, an entry of the output folder (kept by --overwrite_output_dir, or beside
+    the checkpoints resumed from) of the other kind where the run will write: a file where it makes a folder, or a
+    folder where it writes a file. Found at the end, it would cost the training, or be skipped without a word."""
+    if not training_args.should_save:
+        return
+    output_dir = Path(training_args.output_dir)
+    for path, is_folder, what in written_paths(training_args, adapter_args, evaluation_args):
+        blocker = path if path.exists() and path.is_dir() != is_folder else next(
+            (parent for parent in path.parents if parent.is_file()), None)
+        if blocker == path:
+            kind, wanted = ("file", "folder") if is_folder else ("folder", "file")
+            raise UsageError(f"{path} is a {kind} where this run writes {what} as a {wanted}; {MOVE_IT}")
+        if blocker is not None:
+            raise UsageError(f"{blocker} is a file where this run writes {what} into a folder ({path}); {MOVE_IT}")
+    for path in output_dir.glob(f"{PREFIX_CHECKPOINT_DIR}-*"):
+        if training_args.do_train and not path.is_dir():
+            raise UsageError(f"{path} is a file where this run writes its checkpoints as folders; {MOVE_IT}")
+
+
+def written_paths(training_args, adapter_args, evaluation_args):
+    """(path, whether it is a folder, what it holds) of what a run with these flags writes at fixed names."""
+    output_dir = Path(training_args.output_dir)
+    paths = [(output_dir / name, False, "the metrics") for name in ("all_results.json", "trainer_state.json")]
+    paths.append((output_dir / "README.md", False, "the model card"))
+    if training_args.do_train:
+        paths += [(output_dir / "train_results.json", False, "the metrics"),
+                  (output_dir / "training_curves.png", False, "the plot of the training curves"),
+                  (output_dir / "training_args.bin", False, "the training arguments")]
+    if training_args.do_eval:
+        paths.append((output_dir / "eval_results.json", False, "the metrics"))
+    if uses_adapter(adapter_args) and (adapter_args.train_adapter and training_args.do_train
+                                       or training_args.push_to_hub):
+        paths.append((output_dir / adapter_args.adapter_name, True, "the trained adapter"))
+    if adapter_args.merge_adapter:
+        paths.append((output_dir / "merged", True, "the merged model of --merge_adapter"))
+    if adapter_args.export_peft:
+        paths.append((output_dir / "peft", True, "the PEFT adapter of --export_peft"))
+    if evaluation_args.num_samples:
+        paths.append((output_dir / "samples.jsonl", False, "the samples"))
+    if "tensorboard" in training_args.report_to and training_args.logging_dir:
+        paths.append((Path(training_args.logging_dir), True, "the TensorBoard logs of --logging_dir"))
+    return paths
 
 
 def detect_last_checkpoint(training_args):

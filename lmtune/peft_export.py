@@ -24,6 +24,7 @@ from adapters.methods.lora import IA3, LoRA, LoRALayer, LoRALinear, LoRAMergedLi
 from safetensors.torch import save_file
 
 from lmtune.errors import UsageError
+from lmtune.output_dir import writing
 
 # PEFT's task types (peft.utils.peft_types.TaskType) and None, which loads as a plain PeftModel: PEFT has no
 # masked-LM task type, and a plain PeftModel's forward still returns the masked LM's logits.
@@ -62,8 +63,9 @@ def write_peft_adapter(objective, model, model_args, training_args, adapter_args
     if not (adapter_args.export_peft and training_args.should_save):
         return None
     revision = model_args.model_revision if model_args.model_revision != "main" else None
-    return export_peft(model, adapter_args.adapter_name, Path(training_args.output_dir) / "peft",
-                       model_args.model_name_or_path, objective.peft_task_type, revision=revision)
+    with writing("the PEFT adapter", training_args):
+        return export_peft(model, adapter_args.adapter_name, Path(training_args.output_dir) / "peft",
+                           model_args.model_name_or_path, objective.peft_task_type, revision=revision)
 
 
 def export_peft(model, adapter_name, folder, base_model_name_or_path, task_type, revision=None):

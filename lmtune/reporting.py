@@ -14,13 +14,14 @@ from typing import NamedTuple, Optional
 import torch
 from adapters.loading import AdapterLoader
 
-from lmtune.adapter_setup import adapters_off, init_adapters, reads_tuple_cache
+from lmtune.adapter_setup import adapters_off, half_precision_autocast, init_adapters, reads_tuple_cache
 from lmtune.arguments import quantizes, uses_adapter
 from lmtune.data import read_prompts
 from lmtune.errors import shorten
 from lmtune.hardware import bf16_tip
 from lmtune.metrics import perplexity
 from lmtune.modeling import load_config, load_model, sharded
+from lmtune.output_dir import writing
 from lmtune.training import save_adapter_files
 
 logger = logging.getLogger(__name__)
@@ -63,7 +64,8 @@ def write_samples(objective, trainer, tokenizer, raw_datasets, max_length, evalu
     samples = [{**record, **{key: values[index] for key, values in outputs.items()}}
                for index, record in enumerate(records)]
     path = Path(trainer.args.output_dir) / "samples.jsonl"
-    path.write_text("".join(json.dumps(sample, ensure_ascii=False) + "\n" for sample in samples))
+    with writing("the samples", trainer.args):
+        path.write_text("".join(json.dumps(sample, ensure_ascii=False) + "\n" for sample in samples))
     return path, samples
 
 
@@ -95,17 +97,19 @@ def write_merged_model(model, tokenizer, model_args, training_args, adapter_args
     adapter_model = copy_to_merge(model, tokenizer, model_args, adapter_args)
     adapter_model.eval()
     inputs = tokenizer("A merged model must say what the adapter says.", return_tensors="pt").to(adapter_model.device)
-    with torch.no_grad():
-        expected = adapter_model(**inputs).logits
+    # Both models compute in the base model's dtype, the merged one's: in half precision the float32 adapter runs
+    # under autocast, as it trained.
+    with torch.no_grad(), half_precision_autocast(adapter_model):
+        expected = adapter_model(**inputs).logits.float()
     adapter_model.merge_adapter(adapter_args.adapter_name)
     merged = plain_model(adapter_model)
     del adapter_model
     merged.eval()
-    with torch.no_grad():
-        difference = (merged(**inputs).logits - expected).abs().max().item()
-    # Folded weights change the order of floating-point sums: a few units of the dtype's precision, relative to the
-    # logits. A forgotten or misplaced weight change is far larger.
-    tolerance = max(1e-4, 4 * torch.finfo(expected.dtype).eps) * max(1.0, expected.abs().max().item())
+    with torch.no_grad(), half_precision_autocast(merged):
+        difference = (merged(**inputs).logits.float() - expected).abs().max().item()
+    # Folded weights are rounded to the dtype and change the order of floating-point sums: a few units of its
+    # precision, relative to the logits. A forgotten or misplaced weight change is far larger.
+    tolerance = max(1e-4, 4 * torch.finfo(merged.dtype).eps) * max(1.0, expected.abs().max().item())
     if difference > tolerance:
         raise RuntimeError(
             f"The merged model's logits differ from the adapter model's by {difference:.3g}, more than "
@@ -113,8 +117,9 @@ def write_merged_model(model, tokenizer, model_args, training_args, adapter_args
             "--adapter_config used."
         )
     folder = Path(training_args.output_dir) / "merged"
-    merged.save_pretrained(folder, safe_serialization=training_args.save_safetensors)
-    tokenizer.save_pretrained(folder)
+    with writing("the merged model", training_args):
+        merged.save_pretrained(folder, safe_serialization=training_args.save_safetensors)
+        tokenizer.save_pretrained(folder)
     return folder
 
 
@@ -167,7 +172,8 @@ def publish(objective, trainer, model_args, data_args):
     if trainer.args.push_to_hub:
         trainer.push_to_hub(**card)
     else:
-        trainer.create_model_card(**card)
+        with writing("the model card", trainer.args):
+            trainer.create_model_card(**card)
 
 
 def plot_training_curves(trainer, training_args):
@@ -205,8 +211,11 @@ def plot_training_curves(trainer, training_args):
     figure.suptitle(str(training_args.output_dir))
     figure.tight_layout()
     path = Path(training_args.output_dir) / "training_curves.png"
-    figure.savefig(path, dpi=100)
-    plt.close(figure)
+    try:
+        with writing("the plot of the training curves", training_args):
+            figure.savefig(path, dpi=100)
+    finally:
+        plt.close(figure)
     return str(path)
 
 
@@ -253,9 +262,10 @@ def print_summary(trainer, metrics, tokens_per_example, written, adapter_args):
         lines = [evaluated_model_summary(trainer.model, adapter_args)]
     if training_args.do_eval:
         lines.append(evaluation_summary(trainer, metrics, tokens_per_example, training_args))
-    if merged is not None:
+    # Only what is there: transformers' save_pretrained logs an error and returns where its folder is a file.
+    if merged is not None and weight_files(merged):
         lines.append(f"merged model: {merged} ({megabytes(weight_files(merged))})")
-    if peft is not None:
+    if peft is not None and weight_files(peft):
         lines.append(f"PEFT adapter: {peft} ({megabytes(weight_files(peft))})")
     if curves is not None:
         lines.append(f"training curves: {curves}")
@@ -296,12 +306,16 @@ def training_summary(model, metrics, tokens_per_example, training_args, adapter_
     else:
         saved = output_dir
         files = weight_files(output_dir)
-    throughput = f"{metrics['train_samples_per_second']:.1f} samples/s"
-    if tokens_per_example:
-        throughput += f", {metrics['train_samples_per_second'] * tokens_per_example:,.0f} tokens/s"
+    if "train_samples_per_second" in metrics:
+        throughput = f"{metrics['train_samples_per_second']:.1f} samples/s"
+        if tokens_per_example:
+            throughput += f", {metrics['train_samples_per_second'] * tokens_per_example:,.0f} tokens/s"
+        training = f"training: {metrics['train_runtime']:.1f} s ({throughput})"
+    else:  # LanguageModelingTrainer.train leaves the throughput out
+        training = "training: none left to do, the checkpoint resumed from is at the last step"
     return [
         f"trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.2f}%)",
-        f"training: {metrics['train_runtime']:.1f} s ({throughput})",
+        training,
         f"saved {'adapter' if adapter_args.train_adapter else 'model'}: {saved} ({megabytes(files)})",
     ]
 

@@ -19,8 +19,9 @@ from adapters import AdapterTrainer
 from adapters.loading import AdapterLoader
 from huggingface_hub import HfApi, ModelCardData
 from safetensors.torch import save_file
-from transformers import EarlyStoppingCallback, Trainer, TrainerCallback
-from transformers.trainer import OPTIMIZER_NAME, SCHEDULER_NAME
+from transformers import EarlyStoppingCallback, SchedulerType, Trainer, TrainerCallback
+from transformers.trainer import OPTIMIZER_NAME, SCHEDULER_NAME, TRAINER_STATE_NAME
+from transformers.trainer_callback import ExportableState
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from lmtune.adapter_setup import load_saved_adapter
@@ -30,6 +31,7 @@ from lmtune.hardware import launcher_configures
 from lmtune.logs import log_message_dropped
 from lmtune.metrics import perplexity, sliding_window_loss
 from lmtune.modeling import weight_identity
+from lmtune.output_dir import writing
 
 logger = logging.getLogger(__name__)
 
@@ -40,35 +42,91 @@ FSDP_DISTRIBUTED_TYPES = {kind for kind in DistributedType
                           if kind.name.startswith("MULTI_") and kind is not DistributedType.MULTI_CPU}
 
 
-# Kept in every checkpoint: the sum of the training losses up to it, for the train_loss of a resumed run.
-LOSS_SUM_FILE = "train_loss_sum.json"
+# Where checkpoints written before TrainLossSum kept the sum of the training losses; still read when resuming.
+LEGACY_LOSS_SUM_FILE = "train_loss_sum.json"
+# The train metrics of a throughput, which mean nothing for a session that trained no step.
+THROUGHPUT_METRICS = ("train_samples_per_second", "train_steps_per_second", "train_tokens_per_second")
 
 
 class LanguageModelingTrainer(Trainer):
-    """The Trainer, except that a resumed run reports the train_loss of the uninterrupted run: the Trainer divides
-    the losses of this session alone by all steps, so every checkpoint here keeps the sum of the losses before it."""
+    """The Trainer, except that a resumed run reports the train_loss of the uninterrupted run (TrainLossSum), trains
+    nothing more from a checkpoint at the end of training, and stops on a step whose loss is not finite."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.add_callback(LogLossWhereItCounts)
-        self.add_callback(StopOnDivergence(getattr(self.model.config, "vocab_size", None) or 2))
+        self.divergence = StopOnDivergence(getattr(self.model.config, "vocab_size", None) or 2, self.args.fp16)
+        self.add_callback(self.divergence)
         self.stop_on_signal = StopOnSignal()
         self.add_callback(self.stop_on_signal)
+        self.add_callback(TrainLossSum)
         self.loss_sum_before_resume = 0.0
+        self.resumed = None  # the trainer_state.json of the checkpoint that training resumes from
 
     def train(self, resume_from_checkpoint=None, **kwargs):
-        loss_file = Path(resume_from_checkpoint or "") / LOSS_SUM_FILE
-        self.loss_sum_before_resume = json.loads(loss_file.read_text())["loss_sum"] if (
-            resume_from_checkpoint and loss_file.is_file()) else 0.0
+        self.resumed = read_trainer_state(resume_from_checkpoint)
+        self.loss_sum_before_resume = loss_sum_kept_in(resume_from_checkpoint, self.resumed)
         with self.stop_on_signal.handlers_installed():
             output = super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
         train_loss = self.loss_sum() / max(self.state.global_step, 1)
         output.metrics["train_loss"] = train_loss
-        self.state.log_history[-1]["train_loss"] = train_loss  # the summary that train() logged last
+        summary = self.state.log_history[-1]  # the summary that train() logged last
+        summary["train_loss"] = train_loss
+        if self.resumed is not None and self.state.global_step == self.resumed["global_step"]:
+            self.state.num_train_epochs = self.resumed["num_train_epochs"]  # set_initial_training_values' zero epochs
+            for name in THROUGHPUT_METRICS:  # the Trainer divides all the run's samples by this session's seconds
+                output.metrics.pop(name, None)
+                summary.pop(name, None)
         return output._replace(training_loss=train_loss)
 
     def loss_sum(self):
         return self.loss_sum_before_resume + self._total_loss_scalar
+
+    def log(self, logs, start_time=None):
+        # The Trainer adds the losses since the last log to its sum just before it logs them, and saves a checkpoint
+        # only after a log (LogLossWhereItCounts): the sum that TrainLossSum exports is up to date for it. Looked up
+        # by type: restore_callback_states_from_checkpoint replaces the callback with one of its own.
+        for callback in self.callback_handler.callbacks:
+            if isinstance(callback, TrainLossSum):
+                callback.loss_sum = self.loss_sum()
+        if "loss" in logs and self.divergence.finite is not None and self.args.world_size > 1:
+            # Every process stops at the same log, or the others would wait for it forever.
+            non_finite = self.accelerator.reduce((~self.divergence.finite).int(), reduction="sum")
+            self.divergence.finite = non_finite == 0
+        super().log(logs, start_time)
+
+    def save_model(self, output_dir=None, _internal_call=False):
+        # Every checkpoint and the final save: a step can leave the weights infinite while its loss was finite. A
+        # process of FSDP or DeepSpeed holds a shard of them, which could stop it alone while the others wait for it.
+        if not (self.is_fsdp_enabled or self.is_deepspeed_enabled):
+            self.divergence.check_weights(self.model, self.args, self.state)
+        super().save_model(output_dir, _internal_call)
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        self.divergence.note(loss)
+        return loss
+
+    def set_initial_training_values(self, args, dataloader, total_train_batch_size):
+        values = list(super().set_initial_training_values(args, dataloader, total_train_batch_size))
+        num_train_epochs, steps_per_epoch, max_steps = values[0], values[1], values[-1]
+        if self.resumed is None:
+            return tuple(values)
+        planned, done = self.resumed["max_steps"], self.resumed["global_step"]
+        if planned != max_steps and args.lr_scheduler_type != SchedulerType.CONSTANT:
+            logger.warning(
+                f"Resuming at step {done} of a run of {planned} steps with --max_steps {max_steps}: the first step "
+                f"resumed runs at the learning rate that the schedule for {planned} steps had reached (0.0 at the end "
+                f"of a linear one), and the steps after it follow a schedule for {max_steps} steps, as neither run "
+                f"would. Keep --max_steps {planned} to finish that run, or pass --overwrite_output_dir to train "
+                f"{max_steps} steps from the start."
+            )
+        if done >= max_steps:
+            # The Trainer skips the batches of the steps already done in the checkpoint's epoch, then trains on until
+            # a step ends the training: from the last step, one step too many. With no epoch left, it trains none and
+            # goes on to what follows training (the best model, the metrics).
+            values[0] = min(num_train_epochs, done // steps_per_epoch)
+        return tuple(values)
 
     def _load_optimizer_and_scheduler(self, checkpoint):
         try:
@@ -99,13 +157,40 @@ class LanguageModelingTrainer(Trainer):
                 torch.load(checkpoint / OPTIMIZER_NAME, map_location="cpu", weights_only=True))
             self.lr_scheduler.load_state_dict(torch.load(checkpoint / SCHEDULER_NAME, weights_only=True))
 
-    def _save_checkpoint(self, model, trial):
-        # Written before trainer_state.json, which marks a checkpoint complete (see is_complete_checkpoint).
-        if self.args.should_save:
-            folder = Path(self._get_output_dir(trial)) / f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
-            folder.mkdir(parents=True, exist_ok=True)
-            (folder / LOSS_SUM_FILE).write_text(json.dumps({"loss_sum": self.loss_sum()}))
-        super()._save_checkpoint(model, trial)
+
+
+def read_trainer_state(checkpoint):
+    """The trainer_state.json of a checkpoint as a dict; None without a checkpoint or where it has none."""
+    path = Path(checkpoint or "") / TRAINER_STATE_NAME
+    return json.loads(path.read_text()) if checkpoint and path.is_file() else None
+
+
+def loss_sum_kept_in(checkpoint, trainer_state):
+    """The sum of the training losses up to a checkpoint: TrainLossSum's, in its trainer_state.json, or that of
+    LEGACY_LOSS_SUM_FILE in a checkpoint written before it; 0.0 in one of the Trainer alone."""
+    kept = (trainer_state or {}).get("stateful_callbacks", {}).get(TrainLossSum.__name__)
+    if kept:
+        return kept["attributes"]["loss_sum"]
+    legacy = Path(checkpoint or "") / LEGACY_LOSS_SUM_FILE
+    return json.loads(legacy.read_text())["loss_sum"] if checkpoint and legacy.is_file() else 0.0
+
+
+class TrainLossSum(TrainerCallback, ExportableState):
+    """The sum of the training losses up to each checkpoint, kept in its trainer_state.json: the Trainer divides the
+    losses of the session that resumed alone by all steps, and a resumed run adds this sum to them (read by
+    loss_sum_kept_in, as the Trainer restores callbacks' states only with --restore_callback_states_from_checkpoint).
+    The trainer sets loss_sum at every log."""
+
+    def __init__(self):
+        self.loss_sum = 0.0
+
+    def state(self):
+        return {"args": {}, "attributes": {"loss_sum": self.loss_sum}}
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        # The Trainer's save updates the entry of each ExportableState in the state it resumed, which a checkpoint
+        # written before this callback existed lacks.
+        state.stateful_callbacks.setdefault(type(self).__name__, self.state())
 
 
 def damaged_states(checkpoint):
@@ -133,21 +218,56 @@ class LogLossWhereItCounts(TrainerCallback):
 
 
 class StopOnDivergence(TrainerCallback):
-    """Ends a run whose training loss has become NaN, infinite, or larger than any model that learns has: its
-    numbers would mean nothing, and the checkpoints written before it stay as they were. A model that guesses
-    uniformly has a loss of log(vocabulary size); a diverged one, orders of magnitude more."""
+    """Ends a run whose training loss has become NaN, infinite, or larger than any model that learns has, or whose
+    gradient norm is not finite: its numbers would mean nothing, and the checkpoints written before it stay as they
+    were. A model that guesses uniformly has a loss of log(vocabulary size); a diverged one, orders of magnitude more.
 
-    def __init__(self, vocab_size):
+    The Trainer's logging_nan_inf_filter (on by default) logs the mean of the other steps' losses in place of a
+    non-finite one, while the step's NaN gradients still reach the weights; so the trainer notes every step's loss
+    here (note), and the note is read at the next log, where the Trainer synchronises anyway. Every checkpoint and
+    the last step come after a log (LogLossWhereItCounts): no diverged weights are saved. Under fp16 the loss scaler
+    skips the steps whose gradients are not finite, leaving the weights as they were, so only the loss is judged.
+    A step can also leave the weights infinite from a finite loss and gradient: the trainer checks the weights before
+    it saves them (check_weights)."""
+
+    def __init__(self, vocab_size, loss_scaled=False):
         self.limit = max(50.0, 4 * math.log(max(vocab_size, 2)))
+        self.loss_scaled = loss_scaled
+        self.finite = None  # whether every step's loss since the last log was finite: a tensor where the loss is
+
+    def note(self, loss):
+        if not self.loss_scaled:
+            finite = torch.isfinite(loss.detach()).all()
+            self.finite = finite if self.finite is None else self.finite & finite
 
     def on_log(self, args, state, control, logs=None, **kwargs):
-        loss = (logs or {}).get("loss")
-        if loss is not None and not (math.isfinite(loss) and loss <= self.limit):
-            raise UsageError(
-                f"Training diverged at step {state.global_step}: the training loss is {loss:.4g}; lower "
-                f"--learning_rate ({args.learning_rate:g}) or clip the gradients with --max_grad_norm, and run "
-                "again (checkpoints written before this step are kept)."
-            )
+        logs = logs or {}
+        if "loss" not in logs:  # an evaluation's log
+            return
+        finite, self.finite = self.finite, None
+        loss, grad_norm = logs["loss"], logs.get("grad_norm")
+        if not (math.isfinite(loss) and loss <= self.limit):
+            reason = f"the training loss is {loss:.4g}"
+        elif finite is not None and not finite.item():
+            reason = "a step's training loss was not finite (the logged loss leaves it out: --logging_nan_inf_filter)"
+        elif grad_norm is not None and not self.loss_scaled and not math.isfinite(grad_norm):
+            reason = f"the gradient norm is {grad_norm}"
+        else:
+            return
+        raise diverged(args, state, reason)
+
+    @staticmethod
+    def check_weights(model, args, state):
+        finite = [torch.isfinite(weight).all() for weight in model.parameters() if weight.requires_grad]
+        if finite and not torch.stack(finite).all():
+            raise diverged(args, state, "the trained weights are no longer finite")
+
+
+def diverged(args, state, reason):
+    return UsageError(
+        f"Training diverged at step {state.global_step}: {reason}; lower --learning_rate ({args.learning_rate:g}) or "
+        "clip the gradients with --max_grad_norm, and run again (checkpoints written before this step are kept)."
+    )
 
 
 # What a scheduler or a spot instance sends before it kills a job (SIGTERM), and what SLURM can be asked to send
@@ -476,15 +596,18 @@ def check_sharding(training_args, adapter_args):
 
 def train(trainer, train_dataset, last_checkpoint, training_args):
     checkpoint = training_args.resume_from_checkpoint or last_checkpoint
-    with cache_off_while_checkpointing(trainer.model, training_args):
+    with cache_off_while_checkpointing(trainer.model, training_args), writing("a checkpoint", training_args):
         train_result = trainer.train(resume_from_checkpoint=checkpoint)
-    trainer.save_model()  # with an AdapterTrainer: the adapter alone, in <output_dir>/<adapter_name>/
+    trained = "the trained adapter" if isinstance(trainer, AdapterOnlyTrainer) else "the trained model"
+    with writing(trained, training_args):
+        trainer.save_model()  # with an AdapterTrainer: the adapter alone, in <output_dir>/<adapter_name>/
     metrics = train_result.metrics
     if not isinstance(train_dataset, datasets.IterableDataset):
         metrics["train_samples"] = len(train_dataset)
     trainer.log_metrics("train", metrics)
-    trainer.save_metrics("train", metrics)
-    trainer.save_state()
+    with writing("the metrics", training_args):
+        trainer.save_metrics("train", metrics)
+        trainer.save_state()
     return metrics
 
 
@@ -516,7 +639,8 @@ def evaluate(trainer, eval_dataset, sliding_window=None):
     if sliding_window is not None:
         metrics.update(sliding_window_metrics(trainer, sliding_window))
     trainer.log_metrics("eval", metrics)
-    trainer.save_metrics("eval", metrics)
+    with writing("the metrics", trainer.args):
+        trainer.save_metrics("eval", metrics)
     return metrics
 
 

@@ -361,7 +361,8 @@ def test_a_full_disk_met_by_any_library_ends_in_one_line_naming_the_output_dir(a
     assert run_clm.cli(tiny_run_arguments(run_clm, assets, output_dir, "--do_train", "--train_adapter",
                                           "--max_steps", "1")) == 2
     line = capsys.readouterr().err.strip().splitlines()[-1]
-    assert line.startswith(f"run_clm.py: error: Could not write to --output_dir {output_dir} (No space left on device)")
+    assert line.startswith(f"run_clm.py: error: Could not write the trained adapter to --output_dir {output_dir} (No "
+                           "space left on device)")
 
 
 def test_a_cache_that_cannot_be_written_is_named_instead_of_the_data_file(assets, tmp_path, capsys):

@@ -16,7 +16,7 @@ import run_clm
 import run_mlm
 from lmtune.errors import StoppedBySignal
 from lmtune.output_dir import last_complete_checkpoint
-from lmtune.training import LOSS_SUM_FILE, LanguageModelingTrainer, StopOnSignal
+from lmtune.training import LanguageModelingTrainer, StopOnSignal
 
 
 def arguments(script, assets, output_dir, *extra):
@@ -96,7 +96,8 @@ def test_a_run_stopped_by_a_signal_saves_its_step_and_resumes_to_the_uninterrupt
         f"{step} of 30 and saved {checkpoint}; run the same command again to resume from it.")
     assert "Traceback" not in output
     assert last_complete_checkpoint(output_dir) == str(checkpoint)
-    assert (checkpoint / LOSS_SUM_FILE).is_file() and list(checkpoint.glob("*/adapter.safetensors"))  # adapter only
+    assert "TrainLossSum" in read_json(checkpoint / "trainer_state.json")["stateful_callbacks"]
+    assert list(checkpoint.glob("*/adapter.safetensors"))  # the adapter only
     assert not (output_dir / "all_results.json").exists()  # no metrics claim a finished run
     print(f"signal to exit: {seconds:.2f} s")
 
@@ -156,8 +157,10 @@ def test_a_disk_that_fills_up_ends_in_one_line_and_the_rerun_resumes_exactly(ass
         output_dir = tmp_path / "disk" / "run"
         assert run_clm.cli(arguments(run_clm, assets, output_dir, *extra)) == 2
         line = capsys.readouterr().err.strip().splitlines()[-1]
-        assert line.startswith(f"run_clm.py: error: Could not write to --output_dir {output_dir} (No space left on "
-                               "device); make room or fix the permissions, then run the same command again")
+        assert line.startswith(f"run_clm.py: error: Could not write a checkpoint to --output_dir {output_dir} (No "
+                               "space left on device")
+        assert line.endswith("make room or fix the permissions, then run the same command again: it resumes from "
+                             "checkpoint-4.")
         assert last_complete_checkpoint(output_dir) == str(output_dir / "checkpoint-4")
         resize("8m")
         resumed = run_clm.main(arguments(run_clm, assets, output_dir, *extra))

@@ -86,7 +86,7 @@ class LanguageModelingTrainer(Trainer):
         # The Trainer adds the losses since the last log to its sum just before it logs them, and saves a checkpoint
         # only after a log (LogLossWhereItCounts): the sum that TrainLossSum exports is up to date for it. Looked up
         # by type: restore_callback_states_from_checkpoint replaces the callback with one of its own.
-        for callback in self.callback_handler.callbacks:
+        for callback in self.callback_handler.callbacks if "loss" in logs else ():  # the training loss's logs
             if isinstance(callback, TrainLossSum):
                 callback.loss_sum = self.loss_sum()
         if "loss" in logs and self.divergence.finite is not None and self.args.world_size > 1:

@@ -2,6 +2,7 @@
 errors, and small questions about the arguments that several phases ask."""
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
@@ -16,7 +17,7 @@ from adapters import AdapterArguments
 from transformers import HfArgumentParser, TrainingArguments
 from transformers.training_args import OptimizerNames
 
-from lmtune.errors import UsageError, one_line
+from lmtune.errors import UsageError, first_line, one_line, shorten
 from lmtune.hardware import LAUNCHER_PRECISION, unpin_memory_without_accelerator
 
 logger = logging.getLogger(__name__)
@@ -352,6 +353,11 @@ def parse_command_line(argv, data_arguments, adapter_arguments):
         ) from None
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise UsageError(f"The arguments file {argv[0]} is not valid JSON ({error}); fix the file.") from None
+    except ImportError as error:  # TrainingArguments looks for the packages of a few flags (--deepspeed) itself
+        raise UsageError(
+            f"{flag_needing_a_package(parser, argv)} needs a package that is not installed "
+            f"({shorten(first_line(error))}); install it, or drop the flag."
+        ) from None
     except ValueError as error:  # unknown flags or JSON keys, or a combination that TrainingArguments rejects
         if "setup doesn't support bf16" in str(error):  # TrainingArguments' message for hardware without bf16
             raise UsageError(
@@ -362,6 +368,25 @@ def parse_command_line(argv, data_arguments, adapter_arguments):
     unpin_memory_without_accelerator(arguments[2])
     choose_optimizer_for_xla(arguments[2], optim_given(parser, argv))
     return arguments
+
+
+def flag_needing_a_package(parser, argv):
+    """The Trainer flag given that TrainingArguments, made with it alone, finds a package missing for."""
+    if len(argv) == 1 and argv[0].endswith(".json"):
+        given = json.loads(Path(argv[0]).read_text())
+    else:
+        given = vars(parser.parse_known_args(argv)[0])
+    for trainer_field in dataclasses.fields(TrainingArguments):
+        value = given.get(trainer_field.name, trainer_field.default)
+        if not trainer_field.init or trainer_field.name == "output_dir" or value == trainer_field.default:
+            continue
+        try:
+            TrainingArguments("unused", **{trainer_field.name: value})
+        except ImportError:
+            return f"--{trainer_field.name} {value}"
+        except (ValueError, TypeError):  # a flag that needs another flag beside it
+            continue
+    return "A flag of the Trainer's"
 
 
 def choose_optimizer_for_xla(training_args, given):

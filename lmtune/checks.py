@@ -14,6 +14,7 @@ import torch
 import transformers
 from datasets.data_files import resolve_pattern
 from datasets.load import CachedDatasetModuleFactory
+from fsspec.core import url_to_fs
 from huggingface_hub import try_to_load_from_cache
 from transformers import CONFIG_MAPPING, Trainer
 from transformers.integrations import get_reporting_integration_callbacks
@@ -471,6 +472,19 @@ def check_data_file(flag, path):
             ) from None
 
 
+def why_unreachable(url):
+    """Why the file system of url cannot answer for it, or None where it answers that there is no such file:
+    datasets' search says neither, and fsspec names the failed connection only as the cause of a missing file."""
+    file_system, file_path = url_to_fs(url)
+    try:
+        file_system.info(file_path)
+    except FileNotFoundError as error:
+        return first_line(error.__cause__) if isinstance(error.__cause__, OSError) else None
+    except Exception as error:  # whatever a remote file system raises is the reason to give
+        return first_line(error)
+    return None
+
+
 def resolved_data_files(flag, path):
     """The local paths or URLs of the files that path names, as `datasets` finds them when it loads them."""
     remote = "://" in path
@@ -480,6 +494,12 @@ def resolved_data_files(flag, path):
         if any(character in path for character in "*?["):
             return []
         if remote:
+            unreachable = why_unreachable(path)
+            if unreachable:
+                raise UsageError(
+                    f"{flag} {path} cannot be reached ({shorten(unreachable)}); check the URL and the network, or "
+                    "give a local file."
+                ) from None
             raise UsageError(f"{flag} {path} does not exist there; check the URL.") from None
         raise UsageError(f"{flag} {path} does not exist; check the path.") from None
     except ImportError as error:  # fsspec's file system for s3:// or gs:// comes with a package of its own

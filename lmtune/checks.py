@@ -7,6 +7,7 @@ import importlib.util
 import logging
 import os
 import re
+from pathlib import Path
 
 import datasets
 import huggingface_hub
@@ -47,6 +48,7 @@ def check_arguments(model_args, data_args, training_args, adapter_args, evaluati
     """Refuse mistakes before anything slow happens, each with one sentence naming the flag and the fix. Where the
     hub cannot be reached but its local cache holds every hub name given, the run then loads from that cache alone."""
     check_model_arguments(model_args)
+    check_cache_folders(model_args)
     check_data_arguments(data_args, training_args)
     check_training_arguments(training_args)
     check_best_model_arguments(training_args)
@@ -86,6 +88,20 @@ def check_model_arguments(model_args):
             "A model built from scratch still needs a tokenizer: pass --tokenizer_name with a hub name or a folder "
             "saved with save_pretrained."
         )
+
+
+def check_cache_folders(model_args):
+    """A file where a cache folder goes would fail the first load with "File exists" or "Not a directory", which
+    reads as a problem of the model or the data that is loaded."""
+    folders = ([("--cache_dir", model_args.cache_dir)] if model_args.cache_dir else [
+        ("the hub cache (HF_HOME or HF_HUB_CACHE)", huggingface_hub.constants.HF_HUB_CACHE),
+        ("the datasets cache (HF_HOME or HF_DATASETS_CACHE)", datasets.config.HF_DATASETS_CACHE)])
+    for name, folder in folders:
+        existing = next(path for path in (Path(folder).absolute(), *Path(folder).absolute().parents) if path.exists())
+        if not existing.is_dir():
+            raise UsageError(
+                f"{name} {folder} cannot be a folder: {existing} is a file; give a folder, or move the file away."
+            )
 
 
 def check_data_arguments(data_args, training_args):

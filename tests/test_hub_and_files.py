@@ -303,8 +303,10 @@ def test_a_full_disk_while_tokenizing_names_the_datasets_cache(assets, tmp_path,
             finally:
                 resize("64m")
 
-        assert_cell(assets, tmp_path, capsys, uninterrupted, fault, "while tokenizing and grouping")
-        gc.collect()  # the run's datasets map their files in the cache, which cannot be unmounted while they do
+        try:
+            assert_cell(assets, tmp_path, capsys, uninterrupted, fault, "while tokenizing and grouping")
+        finally:
+            gc.collect()  # the runs' datasets map their files in the cache, which cannot be unmounted while they do
 
 
 @pytest.mark.parametrize("where", ["--cache_dir FILE", "--cache_dir FILE/sub"])

@@ -2,6 +2,7 @@
 adapter set up to train or to be evaluated, what adapters cannot do with it refused up front, and a trial training
 step that refuses a method this model cannot train before any data is read."""
 
+import difflib
 import json
 import logging
 import re
@@ -26,6 +27,7 @@ from adapters.configuration.adapter_config import ReftConfig
 from adapters.loading import AdapterLoader
 from adapters.methods import METHOD_INIT_MAPPING
 from adapters.methods.lora import LoRAMergedLinear
+from adapters.utils import resolve_adapter_config
 
 from lmtune.arguments import quantization_flag, quantizes, uses_adapter
 from lmtune.errors import FIX_ADAPTER, UsageError, first_line, reported_as_usage_error, shorten
@@ -360,6 +362,8 @@ def check_adapter_config(spec):
             "such as seq_bn, lora or prefix_tuning, name[key=value,...], a union a|b, or a config .json file."
         ) from None
     components = config.configs if isinstance(config, ConfigUnion) else [config]
+    if spec not in ADAPTER_CONFIG_MAP and Path(spec).is_file():
+        check_adapter_config_keys(spec, components)
     if any(isinstance(component, ReftConfig) and not component.subtract_projection for component in components):
         raise UsageError(
             f"--adapter_config {spec}: adapters {adapters.__version__} does not save DiReFT's subtract_projection, "
@@ -375,6 +379,23 @@ def check_adapter_config(spec):
                     f"--adapter_config {spec}: {key}={wrong:g} leaves {type(component).__name__} no size to train "
                     f"with; give {key} a positive value (default {getattr(type(component), key, None)})."
                 )
+
+
+def check_adapter_config_keys(path, components):
+    """adapters reads a configuration file's keys that its configuration class lacks as extra attributes, which
+    nothing reads: a mistyped setting would leave its default in place without a word, where name[key=value] refuses
+    it."""
+    settings = resolve_adapter_config(path)  # the file's dict, or the "config" of a file saved with an adapter
+    dicts = settings["configs"] if isinstance(settings.get("configs"), list) else [settings]
+    for component, given in zip(components, dicts):
+        known = component.__dataclass_fields__.keys() | {"architecture"}
+        unknown = sorted(given.keys() - known)
+        if unknown:
+            close = difflib.get_close_matches(unknown[0], known, n=1)
+            raise UsageError(
+                f"--adapter_config {path}: {type(component).__name__} has no setting '{unknown[0]}'"
+                f"{f' (did you mean {close[0]}?)' if close else ''}; fix the key in the file."
+            )
 
 
 def read_adapter_interface(path):

@@ -2,6 +2,7 @@
 errors, and small questions about the arguments that several phases ask."""
 
 import argparse
+import dataclasses
 import json
 import re
 import sys
@@ -15,7 +16,7 @@ from adapters import AdapterArguments
 from transformers import HfArgumentParser, TrainingArguments
 from transformers.training_args import OptimizerNames
 
-from lmtune.errors import UsageError, one_line
+from lmtune.errors import UsageError, first_line, one_line, shorten
 from lmtune.hardware import prepare_launcher_environment, unpin_memory_without_accelerator
 
 # A single argument that ends so is a file of arguments, the flags as keys.
@@ -336,6 +337,11 @@ def parse_command_line(argv, data_arguments, adapter_arguments):
             arguments = parser.parse_dict(numbers_typed(parser, read_arguments_file(arguments_file), arguments_file))
         else:
             arguments = parser.parse_args_into_dataclasses(args=argv)
+    except ImportError as error:  # TrainingArguments looks for the packages of a few flags (--deepspeed) itself
+        raise UsageError(
+            f"{flag_needing_a_package(parser, argv)} needs a package that is not installed "
+            f"({shorten(first_line(error))}); install it, or drop the flag."
+        ) from None
     except ValueError as error:  # unknown flags or keys, or a combination that TrainingArguments rejects
         if "setup doesn't support bf16" in str(error):  # TrainingArguments' message for hardware without bf16
             raise UsageError(
@@ -367,6 +373,25 @@ def read_arguments_file(path):
         raise UsageError(f"The arguments file {path} holds no mapping of flags to values; write one flag per key, "
                          "e.g. output_dir: out.")
     return values
+
+
+def flag_needing_a_package(parser, argv):
+    """The Trainer flag given that TrainingArguments, made with it alone, finds a package missing for."""
+    if len(argv) == 1 and argv[0].endswith(ARGUMENTS_FILE_EXTENSIONS):
+        given = read_arguments_file(argv[0])
+    else:
+        given = vars(parser.parse_known_args(argv)[0])
+    for trainer_field in dataclasses.fields(TrainingArguments):
+        value = given.get(trainer_field.name, trainer_field.default)
+        if not trainer_field.init or trainer_field.name == "output_dir" or value == trainer_field.default:
+            continue
+        try:
+            TrainingArguments("unused", **{trainer_field.name: value})
+        except ImportError:
+            return f"--{trainer_field.name} {value}"
+        except (ValueError, TypeError):  # a flag that needs another flag beside it
+            continue
+    return "A flag of the Trainer's"
 
 
 def choose_optimizer_for_xla(training_args, given):

@@ -13,27 +13,43 @@ import datasets
 import huggingface_hub
 import torch
 import transformers
-from huggingface_hub.file_download import repo_folder_name
+from datasets.data_files import resolve_pattern
+from datasets.load import CachedDatasetModuleFactory
+from fsspec.core import url_to_fs
+from huggingface_hub import try_to_load_from_cache
 from transformers import CONFIG_MAPPING, Trainer
 from transformers.integrations import get_reporting_integration_callbacks
 from transformers.training_args import OptimizerNames
+from transformers.utils import is_liger_kernel_available
 
 from lmtune.adapter_setup import check_adapter_config, read_adapter_interface
 from lmtune.arguments import ends_with_an_adapter, quantization_flag, quantizes, uses_adapter
-from lmtune.data import FILE_BUILDERS, file_extension, matching_files, read_prompts
-from lmtune.errors import UsageError, first_line
+from lmtune.data import FILE_BUILDERS, file_extension, read_prompts
+from lmtune.errors import UsageError, first_line, shorten
 from lmtune.hardware import warn_if_bf16_is_emulated
+from lmtune.logs import log_message_dropped
 from lmtune.output_dir import is_complete_checkpoint
 from lmtune.training import check_sharding
 
 logger = logging.getLogger(__name__)
 
 HUB_PROBE_SECONDS = 5  # how long a run waits to learn whether the Hugging Face Hub can be reached
+# The file that each flag's hub repository cannot be loaded without, any one of those listed, as the libraries look
+# for it in the local cache; adapters reads an adapter from the hub's default cache, not from --cache_dir.
+HUB_FILES = {"--model_name_or_path": ("config.json",), "--config_name": ("config.json",),
+             "--tokenizer_name": ("tokenizer_config.json", "config.json"),
+             "--load_adapter": ("adapter_config.json",), "--load_lang_adapter": ("adapter_config.json",)}
+# torch.compile backends that torch lists (or not) but that run only with a package of their own.
+COMPILE_BACKEND_PACKAGES = {"tensorrt": "torch_tensorrt", "torch_tensorrt": "torch_tensorrt", "onnxrt": "onnxruntime",
+                            "tvm": "tvm", "openxla": "torch_xla", "openxla_eval": "torch_xla",
+                            "ipex": "intel_extension_for_pytorch"}
 
 
 def check_arguments(model_args, data_args, training_args, adapter_args, evaluation_args):
-    """Refuse mistakes before anything slow happens, each with one sentence naming the flag and the fix."""
+    """Refuse mistakes before anything slow happens, each with one sentence naming the flag and the fix. Where the
+    hub cannot be reached but its local cache holds every hub name given, the run then loads from that cache alone."""
     check_model_arguments(model_args)
+    check_cache_folders(model_args)
     check_data_arguments(data_args, training_args)
     check_training_arguments(training_args)
     check_best_model_arguments(training_args)
@@ -44,7 +60,8 @@ def check_arguments(model_args, data_args, training_args, adapter_args, evaluati
     check_export_peft_arguments(model_args, training_args, adapter_args)
     check_gradient_checkpointing_arguments(training_args, adapter_args)
     check_sharding(training_args, adapter_args)
-    check_hub_is_reachable(model_args, data_args, adapter_args, training_args)
+    if not check_hub_is_reachable(model_args, data_args, adapter_args, training_args):
+        use_local_cache_only()
     warn_if_bf16_is_emulated(training_args)
     note_xla_optimizer(training_args)
 
@@ -73,6 +90,20 @@ def check_model_arguments(model_args):
             "A model built from scratch still needs a tokenizer: pass --tokenizer_name with a hub name or a folder "
             "saved with save_pretrained."
         )
+
+
+def check_cache_folders(model_args):
+    """A file where a cache folder goes would fail the first load with "File exists" or "Not a directory", which
+    reads as a problem of the model or the data that is loaded."""
+    folders = ([("--cache_dir", model_args.cache_dir)] if model_args.cache_dir else [
+        ("the hub cache (HF_HOME or HF_HUB_CACHE)", huggingface_hub.constants.HF_HUB_CACHE),
+        ("the datasets cache (HF_HOME or HF_DATASETS_CACHE)", datasets.config.HF_DATASETS_CACHE)])
+    for name, folder in folders:
+        existing = next(path for path in (Path(folder).absolute(), *Path(folder).absolute().parents) if path.exists())
+        if not existing.is_dir():
+            raise UsageError(
+                f"{name} {folder} cannot be a folder: {existing} is a file; give a folder, or move the file away."
+            )
 
 
 def check_data_arguments(data_args, training_args):
@@ -123,6 +154,7 @@ def check_training_arguments(training_args):
     if training_args.do_train:
         check_optimizer_settings(training_args)
     check_reporting_integrations(training_args)
+    check_trainer_packages(training_args)
     if training_args.resume_from_checkpoint and not is_complete_checkpoint(training_args.resume_from_checkpoint):
         raise UsageError(
             f"--resume_from_checkpoint {training_args.resume_from_checkpoint} is not a complete checkpoint; give a "
@@ -141,6 +173,35 @@ def check_reporting_integrations(training_args):
                 f"--report_to {name} needs what is missing here ({first_line(error)}); install it, or leave {name} "
                 "out of --report_to (none reports nowhere)."
             ) from None
+
+
+def check_trainer_packages(training_args):
+    """The Trainer's flags whose package the Trainer looks for only once the model is loaded and the data
+    preprocessed (the others: --optim, --report_to, and --deepspeed and --half_precision_backend when the command line
+    is read)."""
+    if training_args.use_liger_kernel and not is_liger_kernel_available():  # the Trainer's own test
+        raise UsageError(
+            "--use_liger_kernel needs the liger-kernel package (0.3.0 or newer), which is not installed; "
+            "pip install liger-kernel, or drop --use_liger_kernel."
+        )
+    backend = training_args.torch_compile_backend
+    if not training_args.torch_compile or backend is None:
+        return
+    package = COMPILE_BACKEND_PACKAGES.get(backend)
+    if package is not None and importlib.util.find_spec(package) is None:
+        raise UsageError(
+            f"--torch_compile_backend {backend} needs the {package} package, which is not installed; install it, or "
+            "leave --torch_compile_backend out for inductor."
+        )
+    try:
+        torch._dynamo.lookup_backend(backend)  # what torch.compile itself does with the name, once training starts
+    except torch._dynamo.exc.InvalidBackend:
+        usable = [name for name in torch._dynamo.list_backends()
+                  if importlib.util.find_spec(COMPILE_BACKEND_PACKAGES.get(name, "torch"))]
+        raise UsageError(
+            f"--torch_compile_backend {backend} is not a torch.compile backend here; use one of {', '.join(usable)}, "
+            "or leave it out for inductor."
+        ) from None
 
 
 def check_optimizer_settings(training_args):
@@ -264,32 +325,31 @@ def check_adapter_arguments(adapter_args, training_args):
 
 def check_hub_is_reachable(model_args, data_args, adapter_args, training_args):
     """Without network, a hub name that is not in the local cache, or --push_to_hub, fails now in one line, not
-    after half a minute of retries and a screen of logs. What the cache holds is used from there, as the libraries
-    do by themselves once the hub cannot be reached."""
+    after half a minute of retries and a screen of logs. Whether the run can use the hub: False where it cannot be
+    reached but the local cache holds every hub name given."""
+    offline = "offline mode is set (HF_HUB_OFFLINE)"
+    if training_args.push_to_hub and huggingface_hub.constants.HF_HUB_OFFLINE:
+        raise UsageError(push_refusal(offline))
     if huggingface_hub.constants.HF_HUB_OFFLINE:
-        return  # the libraries then go straight to the local cache
-    hub_names = [(flag, name, repo_type) for flag, name, repo_type in (
-        ("--model_name_or_path", model_args.model_name_or_path, "model"),
-        ("--config_name", model_args.config_name, "model"),
-        ("--tokenizer_name", model_args.tokenizer_name, "model"),
-        ("--dataset_name", data_args.dataset_name, "dataset"),
-        ("--load_adapter", adapter_args.load_adapter, "model"),
-        ("--load_lang_adapter", adapter_args.load_lang_adapter, "model"),
+        return True  # the libraries go straight to the local cache, and name what is missing there
+    hub_names = [(flag, name) for flag, name in (
+        ("--model_name_or_path", model_args.model_name_or_path),
+        ("--config_name", model_args.config_name),
+        ("--tokenizer_name", model_args.tokenizer_name),
+        ("--dataset_name", data_args.dataset_name),
+        ("--load_adapter", adapter_args.load_adapter),
+        ("--load_lang_adapter", adapter_args.load_lang_adapter),
     ) if name and not os.path.exists(name)]
     if not (hub_names or training_args.push_to_hub):
-        return
+        return True
     endpoint = huggingface_hub.constants.ENDPOINT
     try:
         huggingface_hub.get_session().head(endpoint, timeout=HUB_PROBE_SECONDS)
     except OSError as error:  # requests' errors: no connection, or no answer within HUB_PROBE_SECONDS
         unreachable = f"the Hugging Face Hub ({endpoint}) cannot be reached ({type(error).__name__})"
         if training_args.push_to_hub:
-            raise UsageError(
-                f"--push_to_hub uploads to the Hugging Face Hub, and {unreachable}; run again with network, or drop "
-                "--push_to_hub (the output folder holds everything it would upload)."
-            ) from None
-        uncached = [(flag, name) for flag, name, repo_type in hub_names
-                    if not in_hub_cache(name, repo_type, model_args.cache_dir)]
+            raise UsageError(push_refusal(unreachable)) from None
+        uncached = [(flag, name) for flag, name in hub_names if not in_hub_cache(flag, name, model_args)]
         if uncached:
             flag, name = uncached[0]
             raise UsageError(
@@ -297,17 +357,41 @@ def check_hub_is_reachable(model_args, data_args, adapter_args, training_args):
                 "network to put it into the local cache."
             ) from None
         logger.warning(f"{unreachable[0].upper()}{unreachable[1:]}: using the local cache's copies of "
-                       f"{', '.join(name for _, name, _ in hub_names)}.")
+                       f"{', '.join(name for _, name in hub_names)}.")
+        return False
+    return True
 
 
-def in_hub_cache(name, repo_type, cache_dir):
-    """Whether a download of the hub repository name is in the local cache (cache_dir, or the hub's own): what the
-    libraries fall back to without network."""
-    folders = [Path(cache_dir or huggingface_hub.constants.HF_HUB_CACHE) / repo_folder_name(repo_id=name,
-                                                                                      repo_type=repo_type)]
-    if repo_type == "dataset":  # datasets also keeps what it prepared from a download in its own cache
-        folders.append(Path(cache_dir or datasets.config.HF_DATASETS_CACHE) / name.replace("/", "___"))
-    return any(folder.is_dir() and any(folder.iterdir()) for folder in folders)
+def push_refusal(reason):
+    return (f"--push_to_hub uploads to the Hugging Face Hub, and {reason}; run again with network (and without "
+            "HF_HUB_OFFLINE), or drop --push_to_hub (the output folder holds everything it would upload).")
+
+
+def in_hub_cache(flag, name, model_args):
+    """Whether the local cache holds what the libraries load the hub name of flag from without network: a hub
+    download of the repository's revision for transformers and adapters, a prepared copy for datasets."""
+    if flag == "--dataset_name":
+        # datasets' own fallback; it announces the cached copy, which the load will do again.
+        with log_message_dropped("datasets.load", "Using the latest cached version"):
+            try:
+                CachedDatasetModuleFactory(name, cache_dir=model_args.cache_dir).get_module()
+            except FileNotFoundError:
+                return False
+        return True
+    adapter = flag in ("--load_adapter", "--load_lang_adapter")
+    return any(isinstance(try_to_load_from_cache(
+        name, filename, cache_dir=None if adapter else model_args.cache_dir,
+        revision=None if adapter else model_args.model_revision), str) for filename in HUB_FILES[flag])
+
+
+def use_local_cache_only():
+    """Switch huggingface_hub, transformers and datasets to offline mode for the rest of the run, as HF_HUB_OFFLINE=1
+    does when they are imported: each load then reads the local cache at once, where the libraries would try every
+    file on the hub first, with retries and backoff (minutes for a run of seconds)."""
+    huggingface_hub.constants.HF_HUB_OFFLINE = True
+    huggingface_hub.utils.reset_sessions()  # the sessions made so far still go out to the network
+    transformers.utils.hub._is_offline_mode = True
+    datasets.config.HF_HUB_OFFLINE = datasets.config.HF_DATASETS_OFFLINE = True
 
 
 def check_quantization_arguments(model_args, adapter_args):
@@ -377,19 +461,19 @@ def check_gradient_checkpointing_arguments(training_args, adapter_args):
 
 
 def check_data_file(flag, path):
-    """Catch missing, empty and non-UTF-8 files now, not as a traceback from deep inside `datasets`. A glob pattern
-    (data/part-*.txt) is read as `datasets` reads it: every file it matches."""
+    """Catch missing, empty and non-UTF-8 files now, not as a traceback from deep inside `datasets`. A path is
+    resolved as `datasets` resolves it: a glob pattern (data/part-*.txt) names every file it matches, and a URL
+    (https://, s3://, gs://, hf://) a remote file, which must be reachable but is read only by the load."""
     extension = file_extension(path)
     if extension not in FILE_BUILDERS:
         raise UsageError(
             f"{flag} {path} has an unsupported extension; use one of: {', '.join('.' + e for e in FILE_BUILDERS)}."
         )
-    files = matching_files(path)
+    files = resolved_data_files(flag, path)
     if not files:
         raise UsageError(f"{flag} {path} matches no file; check the pattern.")
-    for file_path in files:
-        if not os.path.isfile(file_path):
-            raise UsageError(f"{flag} {file_path} does not exist; check the path.")
+    if "://" in files[0]:
+        return
     if all(os.path.getsize(file_path) == 0 for file_path in files):
         raise UsageError(f"{flag} {path} is empty; give a file with text in it.")
     if extension == "parquet":
@@ -404,3 +488,45 @@ def check_data_file(flag, path):
                 f"{flag} {file_path} is not UTF-8 text (byte {start[error.start]:#04x} at offset {error.start}); "
                 "convert it, e.g. with `iconv -t utf-8`."
             ) from None
+
+
+def why_unreachable(url):
+    """Why the file system of url cannot answer for it, or None where it answers that there is no such file:
+    datasets' search says neither, and fsspec names the failed connection only as the cause of a missing file."""
+    file_system, file_path = url_to_fs(url)
+    try:
+        file_system.info(file_path)
+    except FileNotFoundError as error:
+        return first_line(error.__cause__) if isinstance(error.__cause__, OSError) else None
+    except Exception as error:  # whatever a remote file system raises is the reason to give
+        return first_line(error)
+    return None
+
+
+def resolved_data_files(flag, path):
+    """The local paths or URLs of the files that path names, as `datasets` finds them when it loads them."""
+    remote = "://" in path
+    try:
+        return resolve_pattern(path, base_path=os.getcwd())
+    except FileNotFoundError:
+        if any(character in path for character in "*?["):
+            return []
+        if remote:
+            unreachable = why_unreachable(path)
+            if unreachable:
+                raise UsageError(
+                    f"{flag} {path} cannot be reached ({shorten(unreachable)}); check the URL and the network, or "
+                    "give a local file."
+                ) from None
+            raise UsageError(f"{flag} {path} does not exist there; check the URL.") from None
+        raise UsageError(f"{flag} {path} does not exist; check the path.") from None
+    except ImportError as error:  # fsspec's file system for s3:// or gs:// comes with a package of its own
+        raise UsageError(
+            f"{flag} {path} needs a package that is not installed ({shorten(first_line(error))}); install it, then "
+            "run the same command again."
+        ) from None
+    except (OSError, ValueError) as error:  # no connection, refused access, an unknown protocol
+        raise UsageError(
+            f"{flag} {path} cannot be reached ({shorten(first_line(error))}); check the URL and the network, or give "
+            "a local file."
+        ) from None

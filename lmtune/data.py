@@ -13,7 +13,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from datasets import DatasetDict, IterableDatasetDict, load_dataset, load_from_disk
 
-from lmtune.errors import FIX_DATA_FILE, UsageError, first_line, reported_as_usage_error, shorten
+from lmtune.errors import FIX_DATA_FILE, UsageError, cache_writes_reported, first_line, reported_as_usage_error, shorten
 
 logger = logging.getLogger(__name__)
 
@@ -40,6 +40,7 @@ def load_raw_datasets(model_args, data_args, training_args):
     """Load the train and validation splits that the run needs, carving validation out of train if missing, with
     one column, `text`."""
     hub_kwargs = {"cache_dir": model_args.cache_dir, "token": model_args.token, "streaming": data_args.streaming}
+    cache = model_args.cache_dir or datasets.config.HF_DATASETS_CACHE
     if data_args.dataset_name is not None:
         if is_saved_dataset(data_args.dataset_name):
             raw_datasets = load_from_disk(data_args.dataset_name)
@@ -48,10 +49,10 @@ def load_raw_datasets(model_args, data_args, training_args):
             if data_args.streaming:
                 raw_datasets = IterableDatasetDict({k: v.to_iterable_dataset() for k, v in raw_datasets.items()})
         else:
-            with reported_as_usage_error("--dataset_name", data_args.dataset_name):
+            with reported_as_usage_error("--dataset_name", data_args.dataset_name, cache=cache):
                 raw_datasets = load_dataset(data_args.dataset_name, data_args.dataset_config_name, **hub_kwargs)
     else:
-        raw_datasets = load_data_files(data_args, hub_kwargs)
+        raw_datasets = load_data_files(data_args, hub_kwargs, cache)
     if "validation" not in raw_datasets and "train" in raw_datasets:
         raw_datasets = carve_validation_split(raw_datasets["train"], data_args.validation_split_percentage)
     wanted = {"train": training_args.do_train, "validation": training_args.do_eval}
@@ -62,8 +63,9 @@ def load_raw_datasets(model_args, data_args, training_args):
     return select_texts(type(raw_datasets)({split: raw_datasets[split] for split in needed}), data_args)
 
 
-def load_data_files(data_args, hub_kwargs):
-    """Read --train_file and --validation_file, each as the format its own extension names."""
+def load_data_files(data_args, hub_kwargs, cache):
+    """Read --train_file and --validation_file, each as the format its own extension names, into the datasets cache
+    folder cache."""
     splits = {}
     for split, flag, path in (("train", "--train_file", data_args.train_file),
                               ("validation", "--validation_file", data_args.validation_file)):
@@ -74,7 +76,7 @@ def load_data_files(data_args, hub_kwargs):
             continue
         builder = FILE_BUILDERS[file_extension(path)]
         builder_kwargs = data_args.text_file_options() if builder == "text" else {}
-        with reported_as_usage_error(flag, path, fix=FIX_DATA_FILE):
+        with reported_as_usage_error(flag, path, fix=FIX_DATA_FILE, cache=cache):
             splits[split] = load_dataset(builder, data_files={split: path}, split=split, **builder_kwargs,
                                          **hub_kwargs)
     return (IterableDatasetDict if data_args.streaming else DatasetDict)(splits)
@@ -144,8 +146,10 @@ def text_column_of(dataset, split, flag, name):
 
 
 def is_saved_dataset(path):
+    """Whether path is a folder written by save_to_disk: a DatasetDict's, or a Dataset's."""
     folder = Path(path)
-    return (folder / "dataset_dict.json").is_file() or (folder / "state.json").is_file()
+    return any((folder / name).is_file() for name in (datasets.config.DATASETDICT_JSON_FILENAME,
+                                                       datasets.config.DATASET_STATE_JSON_FILENAME))
 
 
 def carve_validation_split(train, percentage):
@@ -179,7 +183,8 @@ def tokenize_and_group(raw_datasets, tokenize, group_texts, block_size, data_arg
     shared_validation = "train" in raw_datasets and raw_datasets.get("validation") is raw_datasets["train"]
     if shared_validation:
         raw_datasets = type(raw_datasets)(train=raw_datasets["train"])
-    with training_args.main_process_first(desc="tokenizing and grouping"):
+    with training_args.main_process_first(desc="tokenizing and grouping"), cache_writes_reported(
+            cache_folder(raw_datasets), "tokenizing and grouping the texts into the datasets cache"):
         tokenized = raw_datasets.map(
             tokenize, batched=True, remove_columns=["text"], **map_kwargs, **tokenize_kwargs,
             **progress_bar("Tokenizing", data_args),
@@ -195,6 +200,13 @@ def tokenize_and_group(raw_datasets, tokenize, group_texts, block_size, data_arg
     if shared_validation:
         lm_datasets["validation"] = lm_datasets["train"]
     return lm_datasets
+
+
+def cache_folder(raw_datasets):
+    """The folder where datasets writes what it computes from raw_datasets (beside their own cache files), if any."""
+    files = [] if isinstance(raw_datasets, IterableDatasetDict) else [
+        entry["filename"] for entries in raw_datasets.cache_files.values() for entry in entries]
+    return os.path.dirname(files[0]) if files else None
 
 
 def concatenate_and_cut(batch, block_size):

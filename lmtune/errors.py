@@ -11,6 +11,8 @@ from safetensors import SafetensorError
 
 # What the OS says when the machine refuses a write: a full disk or quota, a read-only file system, no permission.
 WRITE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES)
+# How datasets' own error begins where it finds less free space in its cache than a dataset needs: a plain OSError.
+DATASETS_DISK_SPACE = "Not enough disk space"
 # The fixes that messages of failed loads end in.
 FIX_MODEL_FOLDER = "give a complete folder written by save_pretrained, or a hub name while online"
 
@@ -51,9 +53,9 @@ def shorten(text, limit=200):
 
 
 @contextmanager
-def reported_as_usage_error(flag, name, fix="give a local folder, or a hub name while online"):
+def reported_as_usage_error(flag, name, fix="give a local folder, or a hub name while online", cache=None):
     """Turn a failed load of a hub name or local path into one line naming the flag, or, where the machine could
-    not write (a full or read-only cache), naming what could not be written."""
+    not write (a full or read-only cache), naming what could not be written: the file, else the cache folder."""
     try:
         yield
     except (OSError, ValueError, TypeError, ConnectionError, ImportError, DatasetGenerationError,
@@ -61,10 +63,7 @@ def reported_as_usage_error(flag, name, fix="give a local folder, or a hub name 
         failure = write_failure(error)
         if failure is not None and failure[1] != name:  # a file it could not read is the flag's own problem
             reason, path = failure
-            raise UsageError(
-                f"Could not write {path or 'to the cache'} while loading {flag} {name} ({reason}); make room or fix "
-                "the permissions, or give another cache folder with --cache_dir or HF_HOME."
-            ) from None
+            raise UsageError(cache_write_refusal(path or cache, f"loading {flag} {name}", reason)) from None
         # datasets wraps the reader's own error, which says what is wrong with the file.
         reason = first_line(error.__cause__ if isinstance(error, DatasetGenerationError) and error.__cause__ else error)
         if isinstance(error, ImportError):  # e.g. a slow tokenizer's conversion, which needs protobuf or sentencepiece
@@ -75,13 +74,37 @@ def reported_as_usage_error(flag, name, fix="give a local folder, or a hub name 
         raise UsageError(f"{flag} {name} could not be loaded ({shorten(reason)}); {fix}.") from None
 
 
+@contextmanager
+def cache_writes_reported(cache, doing):
+    """A write to the cache folder that the machine refuses while doing something (tokenizing) ends in one line
+    naming the file, else the folder, rather than the output folder that the run is writing to."""
+    try:
+        yield
+    except UsageError:
+        raise
+    except Exception as error:  # the Rust libraries report a full disk as a plain Exception
+        failure = write_failure(error)
+        if failure is None:
+            raise
+        reason, path = failure
+        raise UsageError(cache_write_refusal(path or cache, doing, reason)) from None
+
+
+def cache_write_refusal(where, doing, reason):
+    return (f"Could not write {where or 'to the cache'} while {doing} ({reason}); make room or fix the permissions, "
+            "or give another cache folder with --cache_dir or HF_HOME, then run the same command again.")
+
+
 def write_failure(error):
     """(reason, path or None) where error, or an error it was raised from, is the machine refusing a write: a full
     disk or quota, a read-only file system, no permission; else None. The Rust libraries (tokenizers, safetensors)
-    raise a plain Exception for it, which names the OS error only in its text."""
+    raise a plain Exception for it, which names the OS error only in its text, and datasets an OSError of its own
+    words where it finds too little free space."""
     while error is not None:
         if isinstance(error, OSError) and error.errno in WRITE_ERRNOS:
             return error.strerror, error.filename
+        if isinstance(error, OSError) and str(error).startswith(DATASETS_DISK_SPACE):
+            return first_line(error), None
         code = re.search(r"\(os error (\d+)\)", str(error))
         if code and int(code.group(1)) in WRITE_ERRNOS:
             return os.strerror(int(code.group(1))), None

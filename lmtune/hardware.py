@@ -18,8 +18,9 @@ CPUINFO = Path("/proc/cpuinfo")
 
 
 NATIVE_BF16_FLAGS = ("amx_bf16", "avx512_bf16")
-# What `accelerate launch` tells a run through the environment, and a run's TrainingArguments overwrite.
-LAUNCHER_SETTINGS = ("ACCELERATE_MIXED_PRECISION",)
+# What `accelerate launch` tells a run through the environment, and what a run's TrainingArguments write there (the
+# precision, torch.compile's backend, FSDP and DeepSpeed settings) for accelerate to read.
+LAUNCHER_SETTINGS_PREFIX = "ACCELERATE_"
 
 
 def native_bf16_flags():
@@ -57,20 +58,19 @@ def unpin_memory_without_accelerator(training_args):
 
 @functools.cache
 def launcher_environment():
-    """The launcher's settings for this process (accelerate launch's mixed precision), as they were before any run in
-    it changed them: read once, at the first run's set-up."""
-    return {name: os.environ.get(name) for name in LAUNCHER_SETTINGS}
+    """The launcher's settings for this process, as they were before any run in it changed them: read once, at the
+    first run's set-up."""
+    return {name: value for name, value in os.environ.items() if name.startswith(LAUNCHER_SETTINGS_PREFIX)}
 
 
 def prepare_launcher_environment():
     """The run's set-up of the environment that accelerate reads: each run starts from the launcher's settings, since
-    TrainingArguments writes the precision it chooses there, where a later run in this process would take it for
-    the launcher's; and torchrun on CPUs gets a CPU process group."""
-    for name, value in launcher_environment().items():
-        if value is None:
-            os.environ.pop(name, None)
-        else:
-            os.environ[name] = value
+    TrainingArguments writes its own there (the precision, torch.compile's backend), where a later run in this
+    process would take them for the launcher's; and torchrun on CPUs gets a CPU process group."""
+    launcher = launcher_environment()
+    for name in [name for name in os.environ if name.startswith(LAUNCHER_SETTINGS_PREFIX) and name not in launcher]:
+        del os.environ[name]
+    os.environ.update(launcher)
     use_cpu_process_group_under_launcher()
 
 

@@ -336,6 +336,14 @@ def test_a_run_in_half_precision_leaves_no_precision_to_the_next_run_in_the_proc
     assert os.environ.get("ACCELERATE_MIXED_PRECISION", "no") == "no"
 
 
+def test_a_run_with_torch_compile_leaves_no_compile_backend_to_the_next_run_in_the_process():
+    # Nor torch.compile's backend, which accelerate would then apply to a run that never asked for it.
+    assert run_clm.parse_arguments(["--output_dir", "x", "--torch_compile_backend", "eager"])[2].torch_compile
+    assert os.environ["ACCELERATE_DYNAMO_BACKEND"] == "eager"
+    assert not run_clm.parse_arguments(["--output_dir", "x"])[2].torch_compile
+    assert "ACCELERATE_DYNAMO_BACKEND" not in os.environ
+
+
 def test_a_tokenizer_that_needs_a_missing_package_is_refused_in_one_line(assets, tmp_path, capsys, monkeypatch):
     def from_pretrained(name, **kwargs):  # what transformers raises for a slow tokenizer's conversion
         raise ImportError("LlamaConverter requires the protobuf library but it was not found in your environment.")

@@ -18,7 +18,8 @@ from accelerate.utils import DeepSpeedPlugin, DistributedType, FullyShardedDataP
 from adapters import AdapterTrainer
 from adapters.loading import AdapterLoader
 from huggingface_hub import HfApi, ModelCardData
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
+from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 from transformers import EarlyStoppingCallback, SchedulerType, Trainer, TrainerCallback
 from transformers.trainer import OPTIMIZER_NAME, SCHEDULER_NAME, TRAINER_STATE_NAME
 from transformers.trainer_callback import ExportableState
@@ -26,7 +27,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from lmtune.adapter_setup import load_saved_adapter
 from lmtune.arguments import uses_adapter
-from lmtune.errors import StoppedBySignal, UsageError, first_line
+from lmtune.errors import FIX_ADAPTER, StoppedBySignal, UsageError, first_line
 from lmtune.hardware import launcher_configures
 from lmtune.logs import log_message_dropped
 from lmtune.metrics import perplexity, sliding_window_loss
@@ -392,6 +393,9 @@ class AdapterOnlyTrainer(LanguageModelingTrainer, AdapterTrainer):
         self.load_trained_adapter(Path(self.state.best_model_checkpoint) / self.adapter_name)
 
     def load_trained_adapter(self, folder):
+        if self.is_fsdp_enabled:
+            load_into_shards(self.model, folder)
+            return
         # Loading over the adapter in training is the point here, so adapters' warning that it does is noise.
         with log_message_dropped("adapters.loading", "Overwriting existing adapter"):
             load_saved_adapter(self.model, "--resume_from_checkpoint", str(folder), load_as=self.adapter_name)
@@ -422,6 +426,22 @@ class AdapterOnlyTrainer(LanguageModelingTrainer, AdapterTrainer):
             run_as_future=not blocking,
             # A weights file in the other format, from an earlier push, would otherwise be loaded instead.
             delete_patterns=["adapter.safetensors", "pytorch_adapter.bin"],
+        )
+
+
+def load_into_shards(model, folder):
+    """Load a checkpoint's adapter into a model that FSDP2 has sharded (resume, --load_best_model_at_end): adapters'
+    load_adapter would copy whole tensors into the DTensors of which each process holds a shard, which torch
+    refuses. torch's set_model_state_dict cuts each process's shard out of the whole weights (each process reads
+    the file); the adapter's weights are named as in the model, the rest of the model is left as it is."""
+    path = folder / "adapter.safetensors"
+    weights = load_file(path) if path.is_file() else torch.load(folder / "pytorch_adapter.bin", weights_only=True)
+    result = set_model_state_dict(model, weights, options=StateDictOptions(full_state_dict=True, strict=False))
+    if result.unexpected_keys:
+        raise UsageError(
+            f"--resume_from_checkpoint {folder} does not fit this {model.config.model_type} model: "
+            f"{len(result.unexpected_keys)} weights have no place in it, e.g. {result.unexpected_keys[0]}; "
+            f"{FIX_ADAPTER}."
         )
 
 

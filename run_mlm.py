@@ -32,7 +32,9 @@ from lmtune.arguments import AdapterGroupArguments, DataArguments, parse_command
 from lmtune.checks import check_arguments
 from lmtune.data import apply_max_samples, concatenate_and_cut, load_raw_datasets, progress_bar, tokenize_and_group
 from lmtune.errors import UsageError, run_from_command_line
+from lmtune.hub import publish
 from lmtune.logs import setup_logging
+from lmtune.merge import write_merged_model
 from lmtune.metrics import token_losses
 from lmtune.modeling import example_length, load_config, load_model, load_tokenizer, tokenizer_source
 from lmtune.objective import Objective, with_prompt_labels
@@ -43,7 +45,8 @@ from lmtune.output_dir import (
     detect_last_checkpoint,
 )
 from lmtune.peft_export import write_peft_adapter
-from lmtune.reporting import Written, plot_training_curves, print_summary, publish, write_merged_model, write_samples
+from lmtune.reporting import Written, plot_training_curves, print_summary
+from lmtune.samples import write_samples
 from lmtune.training import add_early_stopping, build_trainer, evaluate, train
 
 logger = logging.getLogger(__name__)

@@ -14,31 +14,24 @@ import huggingface_hub
 import torch
 import transformers
 from datasets.data_files import resolve_pattern
-from datasets.load import CachedDatasetModuleFactory
 from fsspec.core import url_to_fs
-from huggingface_hub import try_to_load_from_cache
 from transformers import CONFIG_MAPPING, Trainer
 from transformers.integrations import get_reporting_integration_callbacks
 from transformers.training_args import OptimizerNames
 from transformers.utils import is_liger_kernel_available
 
-from lmtune.adapter_setup import check_adapter_config, read_adapter_interface
+from lmtune.adapter_setup import check_adapter_config
 from lmtune.arguments import ends_with_an_adapter, quantization_flag, quantizes, uses_adapter
 from lmtune.data import FILE_BUILDERS, file_extension, read_prompts
 from lmtune.errors import UsageError, first_line, shorten
 from lmtune.hardware import warn_if_bf16_is_emulated
-from lmtune.logs import log_message_dropped
+from lmtune.hub import check_hub_is_reachable, use_local_cache_only
+from lmtune.interfaces import read_adapter_interface
 from lmtune.output_dir import is_complete_checkpoint
 from lmtune.training import check_sharding
 
 logger = logging.getLogger(__name__)
 
-HUB_PROBE_SECONDS = 5  # how long a run waits to learn whether the Hugging Face Hub can be reached
-# The file that each flag's hub repository cannot be loaded without, any one of those listed, as the libraries look
-# for it in the local cache; adapters reads an adapter from the hub's default cache, not from --cache_dir.
-HUB_FILES = {"--model_name_or_path": ("config.json",), "--config_name": ("config.json",),
-             "--tokenizer_name": ("tokenizer_config.json", "config.json"),
-             "--load_adapter": ("adapter_config.json",), "--load_lang_adapter": ("adapter_config.json",)}
 # torch.compile backends that torch lists (or not) but that run only with a package of their own.
 COMPILE_BACKEND_PACKAGES = {"tensorrt": "torch_tensorrt", "torch_tensorrt": "torch_tensorrt", "onnxrt": "onnxruntime",
                             "tvm": "tvm", "openxla": "torch_xla", "openxla_eval": "torch_xla",
@@ -321,77 +314,6 @@ def check_adapter_arguments(adapter_args, training_args):
             raise UsageError(f"{flag} {location} does not exist; give the folder of a saved adapter.")
     if adapter_args.train_adapter:
         check_adapter_config(adapter_args.adapter_config)
-
-
-def check_hub_is_reachable(model_args, data_args, adapter_args, training_args):
-    """Without network, a hub name that is not in the local cache, or --push_to_hub, fails now in one line, not
-    after half a minute of retries and a screen of logs. Whether the run can use the hub: False where it cannot be
-    reached but the local cache holds every hub name given."""
-    offline = "offline mode is set (HF_HUB_OFFLINE)"
-    if training_args.push_to_hub and huggingface_hub.constants.HF_HUB_OFFLINE:
-        raise UsageError(push_refusal(offline))
-    if huggingface_hub.constants.HF_HUB_OFFLINE:
-        return True  # the libraries go straight to the local cache, and name what is missing there
-    hub_names = [(flag, name) for flag, name in (
-        ("--model_name_or_path", model_args.model_name_or_path),
-        ("--config_name", model_args.config_name),
-        ("--tokenizer_name", model_args.tokenizer_name),
-        ("--dataset_name", data_args.dataset_name),
-        ("--load_adapter", adapter_args.load_adapter),
-        ("--load_lang_adapter", adapter_args.load_lang_adapter),
-    ) if name and not os.path.exists(name)]
-    if not (hub_names or training_args.push_to_hub):
-        return True
-    endpoint = huggingface_hub.constants.ENDPOINT
-    try:
-        huggingface_hub.get_session().head(endpoint, timeout=HUB_PROBE_SECONDS)
-    except OSError as error:  # requests' errors: no connection, or no answer within HUB_PROBE_SECONDS
-        unreachable = f"the Hugging Face Hub ({endpoint}) cannot be reached ({type(error).__name__})"
-        if training_args.push_to_hub:
-            raise UsageError(push_refusal(unreachable)) from None
-        uncached = [(flag, name) for flag, name in hub_names if not in_hub_cache(flag, name, model_args)]
-        if uncached:
-            flag, name = uncached[0]
-            raise UsageError(
-                f"{flag} {name} is not a local folder, and {unreachable}; give a local folder, or run once with "
-                "network to put it into the local cache."
-            ) from None
-        logger.warning(f"{unreachable[0].upper()}{unreachable[1:]}: using the local cache's copies of "
-                       f"{', '.join(name for _, name in hub_names)}.")
-        return False
-    return True
-
-
-def push_refusal(reason):
-    return (f"--push_to_hub uploads to the Hugging Face Hub, and {reason}; run again with network (and without "
-            "HF_HUB_OFFLINE), or drop --push_to_hub (the output folder holds everything it would upload).")
-
-
-def in_hub_cache(flag, name, model_args):
-    """Whether the local cache holds what the libraries load the hub name of flag from without network: a hub
-    download of the repository's revision for transformers and adapters, a prepared copy for datasets."""
-    if flag == "--dataset_name":
-        # datasets' own fallback; it announces the cached copy, which the load will do again.
-        with log_message_dropped("datasets.load", "Using the latest cached version"):
-            try:
-                CachedDatasetModuleFactory(name, cache_dir=model_args.cache_dir).get_module()
-            except FileNotFoundError:
-                return False
-        return True
-    adapter = flag in ("--load_adapter", "--load_lang_adapter")
-    return any(isinstance(try_to_load_from_cache(
-        name, filename, cache_dir=None if adapter else model_args.cache_dir,
-        revision=None if adapter else model_args.model_revision), str) for filename in HUB_FILES[flag])
-
-
-def use_local_cache_only():
-    """Switch huggingface_hub, transformers and datasets to offline mode for the rest of the run, as HF_HUB_OFFLINE=1
-    does when they are imported: each load then reads the local cache at once, where the libraries would try every
-    file on the hub first, with retries and backoff (minutes for a run of seconds)."""
-    huggingface_hub.constants.HF_HUB_OFFLINE = True
-    huggingface_hub.utils.reset_sessions()  # the sessions made so far still go out to the network
-    transformers.utils.hub._is_offline_mode = True
-    datasets.config.HF_HUB_OFFLINE = datasets.config.HF_DATASETS_OFFLINE = True
 
 
 def check_quantization_arguments(model_args, adapter_args):

@@ -1,179 +1,22 @@
 """What a run reports and writes besides the Trainer's files: samples of the model's output, the merged model, the
 model card and hub push, the plot of the training curves and the closing summary."""
 
-import copy
 import json
 import logging
 import math
 import os
-import tempfile
-from dataclasses import replace
 from pathlib import Path
 from typing import NamedTuple, Optional
 
-import torch
 from adapters.loading import AdapterLoader
 
-from lmtune.adapter_setup import adapters_off, half_precision_autocast, init_adapters, reads_tuple_cache
-from lmtune.arguments import quantizes, uses_adapter
-from lmtune.data import read_prompts
+from lmtune.arguments import uses_adapter
 from lmtune.errors import shorten
 from lmtune.hardware import bf16_tip
 from lmtune.metrics import perplexity
-from lmtune.modeling import load_config, load_model, sharded
 from lmtune.output_dir import writing
-from lmtune.training import save_adapter_files
 
 logger = logging.getLogger(__name__)
-
-# Samples: a validation text is cut to its first tokens to make a prompt.
-SAMPLE_PROMPT_TOKENS = 16
-
-
-def write_samples(objective, trainer, tokenizer, raw_datasets, max_length, evaluation_args, adapter_args):
-    """Show what the model now does on a few prompts, the base model (adapters off) beside the adapted one, and
-    write them to <output_dir>/samples.jsonl. Greedy and without dropout: the same model gives the same samples.
-    The objective makes each prompt and the model's answer to it."""
-    if evaluation_args.num_samples == 0:
-        return None
-    if sharded(trainer.model):  # generating on the main process alone would wait for the others forever
-        logger.warning("No samples: the model is sharded over the processes (FSDP or DeepSpeed ZeRO-3); evaluate the "
-                       "saved adapter in one process (--load_adapter DIR --do_eval) to see them.")
-        return None
-    if trainer.args.device.type == "xla":
-        logger.warning("No samples on XLA (TPUs): generating compiles a graph for every new token; evaluate the saved "
-                       "adapter on a CPU or GPU (--load_adapter DIR --do_eval) to see them.")
-        return None
-    if not trainer.is_world_process_zero():
-        return None
-    texts = sample_texts(raw_datasets, tokenizer, evaluation_args)
-    if not texts:
-        return None
-    model = trainer.model
-    records, prompts = zip(*(objective.sample_prompt(tokenizer, text, max_length) for text in texts))
-    was_training = model.training
-    model.eval()
-    with torch.no_grad():
-        if uses_adapter(adapter_args):
-            with adapters_off(model):
-                outputs = {"base": [objective.complete_sample(model, tokenizer, prompt) for prompt in prompts]}
-            outputs["adapted"] = [objective.complete_sample(model, tokenizer, prompt) for prompt in prompts]
-        else:
-            outputs = {"output": [objective.complete_sample(model, tokenizer, prompt) for prompt in prompts]}
-    model.train(was_training)
-    samples = [{**record, **{key: values[index] for key, values in outputs.items()}}
-               for index, record in enumerate(records)]
-    path = Path(trainer.args.output_dir) / "samples.jsonl"
-    with writing("the samples", trainer.args):
-        path.write_text("".join(json.dumps(sample, ensure_ascii=False) + "\n" for sample in samples))
-    return path, samples
-
-
-def sample_texts(raw_datasets, tokenizer, evaluation_args):
-    """The prompts of --sample_prompts, or else the beginnings of the first validation texts."""
-    count = evaluation_args.num_samples
-    if evaluation_args.sample_prompts is not None:
-        return read_prompts(evaluation_args.sample_prompts)[:count]
-    validation = raw_datasets.get("validation")
-    if validation is None:
-        return []
-    texts = []
-    for example in validation:
-        text = example["text"].strip()
-        if text:
-            # verbose=False: a text longer than the model's limit is expected, only its first tokens are kept.
-            beginning = tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"][:SAMPLE_PROMPT_TOKENS]
-            texts.append(tokenizer.decode(beginning))
-        if len(texts) == count:
-            break
-    return texts
-
-
-def write_merged_model(model, tokenizer, model_args, training_args, adapter_args):
-    """With --merge_adapter, write <output_dir>/merged/: the model with the adapter folded into its weights as a plain
-    transformers model, and the tokenizer. It must give the adapter model's logits on a sentence to be written."""
-    if not (adapter_args.merge_adapter and training_args.should_save):
-        return None
-    adapter_model = copy_to_merge(model, tokenizer, model_args, adapter_args)
-    adapter_model.eval()
-    inputs = tokenizer("A merged model must say what the adapter says.", return_tensors="pt").to(adapter_model.device)
-    # Both models compute in the base model's dtype, the merged one's: in half precision the float32 adapter runs
-    # under autocast, as it trained.
-    with torch.no_grad(), half_precision_autocast(adapter_model):
-        expected = adapter_model(**inputs).logits.float()
-    adapter_model.merge_adapter(adapter_args.adapter_name)
-    merged = plain_model(adapter_model)
-    del adapter_model
-    merged.eval()
-    with torch.no_grad(), half_precision_autocast(merged):
-        difference = (merged(**inputs).logits.float() - expected).abs().max().item()
-    # Folded weights are rounded to the dtype and change the order of floating-point sums: a few units of its
-    # precision, relative to the logits. A forgotten or misplaced weight change is far larger.
-    tolerance = max(1e-4, 4 * torch.finfo(merged.dtype).eps) * max(1.0, expected.abs().max().item())
-    if difference > tolerance:
-        raise RuntimeError(
-            f"The merged model's logits differ from the adapter model's by {difference:.3g}, more than "
-            f"{tolerance:.3g}; it was not written. The adapter itself is saved; please report this with the "
-            "--adapter_config used."
-        )
-    folder = Path(training_args.output_dir) / "merged"
-    with writing("the merged model", training_args):
-        merged.save_pretrained(folder, safe_serialization=training_args.save_safetensors)
-        tokenizer.save_pretrained(folder)
-    return folder
-
-
-def copy_to_merge(model, tokenizer, model_args, adapter_args):
-    """A copy of the model with its adapter, to merge while the trained model stays as it is. A quantized model's
-    base is reloaded in full precision instead, with the trained adapter on top: merged into 4-bit or 8-bit weights,
-    the adapter's change would be rounded away."""
-    if not quantizes(model_args):
-        return copy.deepcopy(model)
-    full_precision = replace(model_args, load_in_4bit=False, load_in_8bit=False)
-    base = load_model(full_precision, load_config(full_precision), tokenizer, plain_class(model), model.loss_type)
-    init_adapters(base, adapter_args)
-    with tempfile.TemporaryDirectory() as folder:
-        save_adapter_files(model, Path(folder), adapter_args.adapter_name, use_safetensors=True)
-        base.load_adapter(folder, load_as=adapter_args.adapter_name, with_head=False, use_safetensors=True,
-                          set_active=True)
-    return base
-
-
-def plain_model(model):
-    """The weights of a model with adapters, without the adapters' own, in a model of its plain transformers class."""
-    model_class = plain_class(model)
-    with torch.device("meta"):  # only the names of its weights are needed: nothing is allocated
-        names = model_class(model.config).state_dict().keys()
-    state_dict = model.state_dict()
-    # Built where the adapter model is, in its dtype: from_pretrained would put every weight on the CPU, away from
-    # the inputs that the merged model is compared on.
-    plain = model_class.from_pretrained(
-        None, config=model.config, state_dict={name: state_dict[name] for name in names}, dtype=model.dtype,
-        device_map={"": model.device},
-    )
-    if reads_tuple_cache(model):  # init_adapters turned the cache off for adapters' layers; transformers' read it
-        plain.config.use_cache = plain.generation_config.use_cache = True
-    return plain
-
-
-def plain_class(model):
-    # adapters.init swaps the model's class for a subclass with adapters' mixins: the first class up the hierarchy
-    # that comes from transformers is the plain one.
-    return next(cls for cls in type(model).__mro__ if cls.__module__.startswith("transformers."))
-
-
-def publish(objective, trainer, model_args, data_args):
-    """Write a model card for the objective's task (a hub pipeline tag), and push to the hub when --push_to_hub asks
-    for it."""
-    card = {"finetuned_from": model_args.model_name_or_path, "tasks": objective.hub_task}
-    if data_args.dataset_name is not None:
-        card["dataset_tags"] = data_args.dataset_name
-        card["dataset"] = " ".join(filter(None, [data_args.dataset_name, data_args.dataset_config_name]))
-    if trainer.args.push_to_hub:
-        trainer.push_to_hub(**card)
-    else:
-        with writing("the model card", trainer.args):
-            trainer.create_model_card(**card)
 
 
 def plot_training_curves(trainer, training_args):

@@ -4,7 +4,6 @@ construction from what the script's objective hands in, and the train and evalua
 import json
 import logging
 import math
-import os
 import pickle
 import signal
 import threading
@@ -17,7 +16,7 @@ import torch
 from accelerate.utils import DeepSpeedPlugin, DistributedType, FullyShardedDataParallelPlugin
 from adapters import AdapterTrainer
 from adapters.loading import AdapterLoader
-from huggingface_hub import HfApi, ModelCardData
+from huggingface_hub import HfApi
 from safetensors.torch import load_file, save_file
 from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 from transformers import EarlyStoppingCallback, SchedulerType, Trainer, TrainerCallback
@@ -29,6 +28,7 @@ from lmtune.adapter_setup import load_saved_adapter
 from lmtune.arguments import uses_adapter
 from lmtune.errors import FIX_ADAPTER, StoppedBySignal, UsageError, first_line
 from lmtune.hardware import launcher_configures
+from lmtune.hub import adapter_card
 from lmtune.logs import log_message_dropped
 from lmtune.metrics import perplexity, sliding_window_loss
 from lmtune.modeling import weight_identity
@@ -157,7 +157,6 @@ class LanguageModelingTrainer(Trainer):
             self.optimizer.load_state_dict(
                 torch.load(checkpoint / OPTIMIZER_NAME, map_location="cpu", weights_only=True))
             self.lr_scheduler.load_state_dict(torch.load(checkpoint / SCHEDULER_NAME, weights_only=True))
-
 
 
 def read_trainer_state(checkpoint):
@@ -495,39 +494,6 @@ def save_adapter_files(model, folder, adapter_name, use_safetensors, gathered_st
     if interface := getattr(model.base_model, "adapter_interface", None):
         # As save_adapter does: the layer names that the adapter's weights are named after, for --adapter_interface.
         interface._save(str(folder), model.config)
-
-
-def adapter_card(trainer, card):
-    """The hub repository's README.md: what the adapter adapts, how well it did, and how to load it."""
-    model = trainer.model
-    # The Trainer's save_model pushes too, without the card's details, which publish() fills in afterwards.
-    base_model = card.get("finetuned_from") or model.name_or_path
-    metadata = ModelCardData(
-        base_model=base_model if base_model and not os.path.isdir(base_model) else None,  # the hub takes hub names
-        library_name="adapter-transformers",
-        pipeline_tag=card.get("tasks"),
-        tags=[tag for tag in ("adapter-transformers", model.config.model_type, card.get("tasks")) if tag],
-        datasets=card.get("dataset_tags"),
-    )
-    method = type(model.adapters_config.get(trainer.adapter_name)).__name__
-    trained_on = f" on {card['dataset']}" if card.get("dataset") else ""
-    evaluations = [entry for entry in trainer.state.log_history if "eval_loss" in entry]
-    results = ""
-    if evaluations:
-        last = evaluations[-1]
-        results = f"Evaluation: loss {last['eval_loss']:.4f}, perplexity {perplexity(last['eval_loss']):.2f}"
-        results += f", accuracy {last['eval_accuracy']:.4f}.\n\n" if "eval_accuracy" in last else ".\n\n"
-    model_class = type(model).__name__
-    base_name = base_model or "path/to/the/base/model"  # a model built from scratch has no name to load it by
-    return (
-        f"---\n{metadata.to_yaml()}\n---\n\n# {trainer.hub_model_id}\n\n"
-        f"An adapter of the [adapters](https://docs.adapterhub.ml) library ({method}, settings in "
-        f"`adapter_config.json`) for `{base_name}`, trained with `{trainer.script_name}`{trained_on}. The base "
-        f"model stays as it is: load it, then the adapter.\n\n{results}"
-        f"```python\nimport adapters\nfrom transformers import {model_class}\n\n"
-        f'model = {model_class}.from_pretrained("{base_name}")\nadapters.init(model)\n'
-        f'model.load_adapter("{trainer.hub_model_id}", set_active=True)\n```\n'
-    )
 
 
 def build_trainer(objective, model, tokenizer, train_dataset, eval_dataset, training_args, adapter_args):

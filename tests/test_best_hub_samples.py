@@ -16,7 +16,7 @@ from transformers import AutoTokenizer
 
 import run_clm
 import run_mlm
-from lmtune import training
+from lmtune import checks, training
 from lmtune.output_dir import LOCK_FILE
 
 
@@ -46,6 +46,8 @@ def fake_hub(tmp_path_factory):
         return done
 
     with pytest.MonkeyPatch.context() as patch:
+        # The tests run offline (HF_HUB_OFFLINE), where --push_to_hub is refused; this hub is always reachable.
+        patch.setattr(checks, "check_hub_is_reachable", lambda *args: True)
         patch.setattr(transformers.trainer, "create_repo", create_repo)  # the Trainer makes the repository at init
         patch.setattr(huggingface_hub.HfApi, "upload_folder", upload_folder)
         # The Trainer's pushes of checkpoints call the client's module-level function.

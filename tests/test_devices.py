@@ -16,7 +16,8 @@ from transformers import AutoModelForCausalLM
 import run_clm
 from lmtune import hardware
 from lmtune.adapter_setup import setup_adapter
-from lmtune.reporting import plain_model, write_samples
+from lmtune.merge import plain_model
+from lmtune.samples import write_samples
 from lmtune.training import save_adapter_files
 
 
@@ -109,6 +110,6 @@ def test_weights_without_a_data_pointer_are_saved_apart_and_shared_ones_once(con
 def test_no_samples_are_generated_on_xla_said_in_one_line(caplog):
     # Generating on XLA compiles a new graph for every token: on XLA's CPU device the run then died (exit 139).
     trainer = SimpleNamespace(args=SimpleNamespace(device=torch.device("xla")), model=torch.nn.Linear(1, 1))
-    with caplog.at_level(logging.WARNING, logger="lmtune.reporting"):
+    with caplog.at_level(logging.WARNING, logger="lmtune.samples"):
         assert write_samples(None, trainer, None, None, 32, SimpleNamespace(num_samples=3), None) is None
     assert "No samples on XLA (TPUs)" in caplog.text

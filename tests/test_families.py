@@ -19,8 +19,8 @@ from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_N
 
 import run_clm
 import run_mlm
-from lmtune.adapter_setup import BUILT_IN_INTERFACES, init_adapters
-from lmtune.reporting import plain_model
+from lmtune.interfaces import BUILT_IN_INTERFACES, init_adapters
+from lmtune.merge import plain_model
 
 # What adapters 1.3.0 cannot do, refused in one line: its decoder code for BART and its kin (mBART, PLBart, Whisper)
 # fails without an encoder, Falcon's fused query/key/value projection has no thirds for LoRA, and CamemBERT has

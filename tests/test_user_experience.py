@@ -24,7 +24,7 @@ from transformers import TrainingArguments
 import run_clm
 import run_mlm
 from lmtune.arguments import ArgumentParser, optim_given
-from lmtune.checks import check_hub_is_reachable
+from lmtune.hub import check_hub_is_reachable
 
 SCRIPTS = pytest.mark.parametrize("script", [run_clm, run_mlm], ids=["clm", "mlm"])
 

@@ -46,8 +46,8 @@ from transformers import CONFIG_MAPPING, AutoModelForCausalLM, AutoModelForMaske
 
 import run_clm  # noqa: E402
 import run_mlm  # noqa: E402
-from lmtune.adapter_setup import BUILT_IN_INTERFACES  # noqa: E402
 from lmtune.errors import shorten  # noqa: E402
+from lmtune.interfaces import BUILT_IN_INTERFACES  # noqa: E402
 
 START, END = "<!-- model-families:start -->", "<!-- model-families:end -->"
 METHODS = ("seq_bn", "lora")

@@ -42,6 +42,8 @@ class StopSignals:
         if self.received is not None:
             return  # already stopping: a second signal must not cut short the checkpoint or the clean-up under way
         self.received = number
+        # While training, only a note: saving here could deadlock on a lock that the interrupted code holds, and the
+        # step in progress would be half applied.
         if not self.noting:
             raise self.stop()
 

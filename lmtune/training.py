@@ -203,10 +203,10 @@ class StopOnSignal(TrainerCallback):
         if not stop_signals.noting:
             return None
         accelerator = self.trainer.accelerator
+        if accelerator.num_processes == 1:
+            return stop_signals.received
         number = torch.tensor(stop_signals.received or 0, device=accelerator.device)
-        if accelerator.num_processes > 1:
-            number = accelerator.reduce(number, reduction="max")
-        return int(number.item()) or None
+        return int(accelerator.reduce(number, reduction="max").item()) or None
 
     def on_save(self, args, state, control, **kwargs):
         # A signal that came while this checkpoint was written stops the run with it: its losses were logged.

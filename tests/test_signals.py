@@ -130,3 +130,12 @@ def test_a_checkpoint_without_its_random_state_is_resumed_with_one_warning(asset
         f"Resuming from {output_dir}/checkpoint-1, which holds no random state of process 0 (rng_state.pth): its "
         "dropout and other random draws will differ from those of the uninterrupted run."]
     assert "Didn't find an RNG file" not in caplog.text
+
+
+def test_an_error_in_training_is_the_last_line_with_progress_bars_on(assets, tmp_path, capsys):
+    # Fully fine-tuned at a learning rate far too high: the loss leaps to billions within steps, mid-bar.
+    argv = tiny_run_arguments(run_clm, assets, tmp_path / "out", "--do_train", "--max_steps", "12", "--logging_steps",
+                              "1", "--learning_rate", "1e4", "--disable_tqdm", "false")
+    assert run_clm.cli(argv) == 2
+    stderr = capsys.readouterr().err
+    assert stderr.rstrip("\n").split("\n")[-1].startswith("run_clm.py: error: "), stderr[-3000:]

@@ -36,7 +36,7 @@ class StopSignals:
         self.received = None  # the first stop signal of the run; the later ones change nothing
         self.installed = False
         self.noting = False  # while training: the handler only notes the signal
-        self.last_checkpoint = None  # once a Trainer exists: the function that finds its last complete checkpoint
+        self.last_checkpoint = None  # once training began: the function that finds its last complete checkpoint
 
     def handle(self, number, frame):
         if self.received is not None:
@@ -51,7 +51,7 @@ class StopSignals:
         """The StoppedBySignal of a signal received outside training, saying what the run has saved."""
         name = signal.Signals(self.received).name
         if self.last_checkpoint is None:
-            message = "the run stopped before training, having saved nothing; run the same command again."
+            message = "the run stopped, having saved nothing; run the same command again."
         elif checkpoint := self.last_checkpoint():
             message = f"the run stopped; its last checkpoint is {checkpoint}: run the same command again to resume."
         else:

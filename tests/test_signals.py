@@ -78,10 +78,10 @@ CASES = {
     "sigint-main-training": ("training", signal.SIGINT, False, [], 3),
     "sigterm-main-tokenizing-tokenizer-workers": (
         "tokenizing", signal.SIGTERM, False, TOKENIZER_WORKERS,
-        "the run stopped before training, having saved nothing; run the same command again."),
+        "the run stopped, having saved nothing; run the same command again."),
     "sigint-group-tokenizing-tokenizer-workers": (
         "tokenizing", signal.SIGINT, True, TOKENIZER_WORKERS,
-        "the run stopped before training, having saved nothing; run the same command again."),
+        "the run stopped, having saved nothing; run the same command again."),
     "sigterm-group-evaluating-loader-workers": (
         "evaluating", signal.SIGTERM, True, LOADER_WORKERS,
         "the run stopped; its last checkpoint is {output_dir}/checkpoint-6: run the same command again to resume."),

@@ -10,6 +10,7 @@
 - metrics: per-token losses, accuracy and perplexity
 - reporting: samples, merging, the hub, the plot and the summary
 - peft_export: --export_peft, the LoRA adapter in PEFT's layout
+- stopping: SIGTERM, SIGUSR1 and Ctrl-C, for the whole run and its worker processes
 - errors, logs, hardware: one-line errors, silenced noise, what the machine has
 """
 

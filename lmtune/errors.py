@@ -8,6 +8,9 @@ from contextlib import contextmanager
 
 from datasets.exceptions import DatasetGenerationError
 from safetensors import SafetensorError
+from tqdm import tqdm
+
+from lmtune.stopping import stop_signals
 
 # What the OS says when the machine refuses a write: a full disk or quota, a read-only file system, no permission.
 WRITE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES)
@@ -25,17 +28,6 @@ FIX_DATA_FILE = "fix the file, or give it the extension of its format"
 
 class UsageError(Exception):
     """A mistake in the command line or its inputs: reported as one line on stderr, exit status 2."""
-
-
-class StoppedBySignal(Exception):
-    """A run asked to stop (SIGTERM, SIGUSR1) that saved a checkpoint and stopped: reported as one line on stderr,
-    with the exit status of a process ended by that signal, 128 + its number (143 for SIGTERM). Job schedulers and
-    shells read that as "terminated", as they did before the run stopped cleanly; 2 would say the command was wrong,
-    and a wrapper that retries preempted jobs but not broken commands would then give up."""
-
-    def __init__(self, message, signal_number):
-        super().__init__(message)
-        self.exit_status = 128 + signal_number
 
 
 def one_line(error):
@@ -114,13 +106,25 @@ def write_failure(error):
 
 def run_from_command_line(main, argv, script_name):
     """Run a script's main: a usage error ends in one line on stderr and exit status 2, not a traceback; a run stopped
-    by a signal, in one line naming its checkpoint and the signal's exit status."""
-    try:
-        main(argv)
-    except UsageError as error:
-        print(f"{script_name}: error: {error}", file=sys.stderr)
-        return 2
-    except StoppedBySignal as stop:
-        print(f"{script_name}: stopped: {stop}", file=sys.stderr)
-        return stop.exit_status
+    by a signal, in one line saying what it saved, and the signal's exit status."""
+    with stop_signals.handled():
+        try:
+            main(argv)
+        except BaseException as error:
+            stop = stop_signals.stop_behind(error)
+            if stop is not None:
+                return report(script_name, f"stopped: {stop}", stop.exit_status)
+            if isinstance(error, UsageError):
+                return report(script_name, f"error: {error}", 2)
+            raise
     return 0
+
+
+def report(script_name, line, exit_status):
+    # Progress bars still open (the Trainer's, which its callback closes only at the end of training; datasets')
+    # would end on the same line, or be drawn again after it when they are collected: closed first, the line is the
+    # last one the user sees.
+    for bar in list(tqdm._instances):
+        bar.close()
+    print(f"{script_name}: {line}", file=sys.stderr)
+    return exit_status

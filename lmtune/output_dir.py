@@ -30,7 +30,8 @@ MODEL_WEIGHT_FILES = ["model.safetensors", "model.safetensors.index.json", "pyto
 
 
 def is_complete_checkpoint(folder):
-    # The Trainer writes trainer_state.json last, so a checkpoint cut short by a crash has none or a broken one.
+    # The Trainer writes trainer_state.json last, and only once every process has written its part (see
+    # LanguageModelingTrainer._save_rng_state): a checkpoint cut short by a crash has none or a broken one.
     try:
         json.loads((Path(folder) / "trainer_state.json").read_text())
     except (OSError, ValueError):

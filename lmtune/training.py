@@ -6,9 +6,9 @@ import logging
 import math
 import pickle
 import signal
-import threading
 import time
 from contextlib import contextmanager
+from functools import partial
 from pathlib import Path
 
 import datasets
@@ -26,13 +26,14 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from lmtune.adapter_setup import load_saved_adapter
 from lmtune.arguments import uses_adapter
-from lmtune.errors import FIX_ADAPTER, StoppedBySignal, UsageError, first_line
+from lmtune.errors import FIX_ADAPTER, UsageError, first_line
 from lmtune.hardware import launcher_configures
 from lmtune.hub import adapter_card
 from lmtune.logs import log_message_dropped
 from lmtune.metrics import perplexity, sliding_window_loss
 from lmtune.modeling import weight_identity
-from lmtune.output_dir import writing
+from lmtune.output_dir import last_complete_checkpoint, writing
+from lmtune.stopping import StoppedBySignal, stop_signals, workers_ignoring_stop_signals
 
 logger = logging.getLogger(__name__)
 
@@ -58,8 +59,7 @@ class LanguageModelingTrainer(Trainer):
         self.add_callback(LogLossWhereItCounts)
         self.divergence = StopOnDivergence(getattr(self.model.config, "vocab_size", None) or 2, self.args.fp16)
         self.add_callback(self.divergence)
-        self.stop_on_signal = StopOnSignal()
-        self.add_callback(self.stop_on_signal)
+        self.add_callback(StopOnSignal(self))
         self.add_callback(TrainLossSum)
         self.loss_sum_before_resume = 0.0
         self.resumed = None  # the trainer_state.json of the checkpoint that training resumes from
@@ -67,7 +67,7 @@ class LanguageModelingTrainer(Trainer):
     def train(self, resume_from_checkpoint=None, **kwargs):
         self.resumed = read_trainer_state(resume_from_checkpoint)
         self.loss_sum_before_resume = loss_sum_kept_in(resume_from_checkpoint, self.resumed)
-        with self.stop_on_signal.handlers_installed():
+        with stop_signals.noted():
             output = super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
         train_loss = self.loss_sum() / max(self.state.global_step, 1)
         output.metrics["train_loss"] = train_loss
@@ -157,6 +157,30 @@ class LanguageModelingTrainer(Trainer):
             self.optimizer.load_state_dict(
                 torch.load(checkpoint / OPTIMIZER_NAME, map_location="cpu", weights_only=True))
             self.lr_scheduler.load_state_dict(torch.load(checkpoint / SCHEDULER_NAME, weights_only=True))
+
+    def get_train_dataloader(self):
+        return workers_ignoring_stop_signals(super().get_train_dataloader())
+
+    def get_eval_dataloader(self, eval_dataset=None):
+        return workers_ignoring_stop_signals(super().get_eval_dataloader(eval_dataset))
+
+    def _save_rng_state(self, output_dir):
+        super()._save_rng_state(output_dir)
+        # The last file that each process writes into a checkpoint. The main process writes trainer_state.json next,
+        # which marks the checkpoint complete (is_complete_checkpoint), and may then delete older checkpoints
+        # (--save_total_limit): only once every process has written its part.
+        self.accelerator.wait_for_everyone()
+
+    def _load_rng_state(self, checkpoint):
+        name = f"rng_state_{self.args.process_index}.pth" if self.args.world_size > 1 else "rng_state.pth"
+        if checkpoint is not None and not (Path(checkpoint) / name).is_file():
+            logger.warning(
+                f"Resuming from {checkpoint}, which holds no random state of process {self.args.process_index} "
+                f"({name}): its dropout and other random draws will differ from those of the uninterrupted run."
+            )
+        # The Trainer says the same at INFO level, shown on the main process only, as a guess about the launch.
+        with log_message_dropped("transformers.trainer", "Didn't find an RNG file"):
+            super()._load_rng_state(checkpoint)
 
 
 def read_trainer_state(checkpoint):
@@ -270,52 +294,28 @@ def diverged(args, state, reason):
     )
 
 
-# What a scheduler or a spot instance sends before it kills a job (SIGTERM), and what SLURM can be asked to send
-# earlier (sbatch --signal=USR1@120): both stop a run at the end of its step, with a checkpoint.
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
-
-
 class StopOnSignal(TrainerCallback):
-    """Stops a run that is asked to stop (STOP_SIGNALS) at the end of the optimizer step in progress, with a
-    checkpoint of the same kind as at --save_steps, and ends it in one line naming that checkpoint; the same command
-    run again resumes from it. The handler only notes the signal: a second one, even while the checkpoint is being
-    written, changes nothing. Under several processes the signal may reach only some of them: at every step they
-    agree on whether any process got one (an all-reduce of one number, on CPU), so that all stop at the same step.
-    The evaluation due at that step is skipped, to stay within the scheduler's grace period."""
+    """Stops training asked to stop (lmtune.stopping: SIGTERM, SIGUSR1, SIGINT) at the end of the optimizer step in
+    progress, with a checkpoint of the same kind as at --save_steps, or with the checkpoint being written when the
+    signal came; the run ends in one line naming it, and the same command run again resumes from it. The evaluation
+    due at that step is skipped, to stay within the scheduler's grace period; one in progress is finished first.
 
-    def __init__(self):
-        self.received = None  # the number of the first signal this process received while training
+    Under several processes the signal may reach only some of them: at every step end and checkpoint they agree on
+    whether any process got one, so that all stop at the same step. That is one all-reduce of one number on the
+    training device, through the launcher's own process group (NCCL on GPUs, gloo on CPUs, XLA's on TPUs): no second
+    group, so a multi-node GPU job needs no gloo networking. On a GPU its .item() waits for the step's kernels, as
+    the Trainer already does at every step (its NaN filter of the loss, on by default, reads the loss on the host), so
+    the cost is the all-reduce's latency, microseconds. It runs only where the signal handler is installed, in the
+    main thread of every process as launchers start them; a process training from another thread agrees on
+    nothing, and so must all of them."""
+
+    def __init__(self, trainer):
+        self.trainer = trainer
         self.stopping = None  # the signal that the run stops for, once the processes agree to
-        self.group = None  # the CPU process group the processes agree in, when the default one is not one
-
-    @contextmanager
-    def handlers_installed(self):
-        """Handle the signals while training, then restore the handlers there were. Python handles signals in the
-        main thread only, so from another thread (a caller's) the run keeps the handlers it has. A signal that came
-        after the last step, when there is nothing left to stop, is delivered again to the restored handler."""
-        if threading.current_thread() is not threading.main_thread():
-            yield
-            return
-        self.received, self.stopping = None, None
-        previous = {number: signal.signal(number, self.note) for number in STOP_SIGNALS}
-        try:
-            yield
-        finally:
-            for number, handler in previous.items():
-                signal.signal(number, signal.SIG_DFL if handler is None else handler)  # None: set outside Python
-        if self.received is not None:
-            signal.raise_signal(self.received)
-
-    def note(self, number, frame):
-        # Only a note: logging or saving here could deadlock on a lock that the interrupted code holds.
-        self.received = self.received or number
 
     def on_train_begin(self, args, state, control, **kwargs):
-        if torch.distributed.is_available() and torch.distributed.is_initialized() and self.group is None:
-            # Every process calls this together, as new_group needs. NCCL's group would need a GPU tensor, and a
-            # GPU synchronisation at every step; gloo's reduces one number on the CPU in microseconds.
-            if "gloo" not in str(torch.distributed.get_backend()):
-                self.group = torch.distributed.new_group(backend="gloo")
+        self.stopping = None
+        stop_signals.last_checkpoint = partial(last_complete_checkpoint, args.output_dir)
 
     def on_step_end(self, args, state, control, **kwargs):
         self.stopping = self.signal_of_any_process()
@@ -326,25 +326,25 @@ class StopOnSignal(TrainerCallback):
 
     def signal_of_any_process(self):
         """The signal received by this process or, under several, by any of them (the larger number if two
-        differ); None if none was."""
-        number = self.received or 0
-        if torch.distributed.is_available() and torch.distributed.is_initialized() and (
-                torch.distributed.get_world_size() > 1):
-            flag = torch.tensor([number])
-            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX, group=self.group)
-            number = int(flag.item())
-        return number or None
+        differ); None if none was, or where no handler notes signals."""
+        if not stop_signals.noting:
+            return None
+        accelerator = self.trainer.accelerator
+        if accelerator.num_processes == 1:
+            return stop_signals.received
+        number = torch.tensor(stop_signals.received or 0, device=accelerator.device)
+        return int(accelerator.reduce(number, reduction="max").item()) or None
 
     def on_save(self, args, state, control, **kwargs):
+        # A signal that came while this checkpoint was written stops the run with it: its losses were logged.
+        self.stopping = self.stopping or self.signal_of_any_process()
         if not self.stopping:
             return
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            torch.distributed.barrier(group=self.group)  # no process ends before all have written their part
-        number = self.stopping
+        self.trainer.accelerator.wait_for_everyone()  # no process ends before all have written their part
         checkpoint = Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
         raise StoppedBySignal(
-            f"{signal.Signals(number).name} received: training stopped after step {state.global_step} of "
-            f"{state.max_steps} and saved {checkpoint}; run the same command again to resume from it.", number)
+            f"{signal.Signals(self.stopping).name} received: training stopped after step {state.global_step} of "
+            f"{state.max_steps} and saved {checkpoint}; run the same command again to resume from it.", self.stopping)
 
 
 class AdapterOnlyTrainer(LanguageModelingTrainer, AdapterTrainer):

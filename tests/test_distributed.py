@@ -110,15 +110,17 @@ def test_two_processes_report_what_one_reports_with_twice_the_batch(script, mode
     assert output.count("***** summary *****") == 1  # only the main process reports
 
 
-def test_a_signal_to_one_process_stops_both_at_the_same_step_with_one_checkpoint(assets, dropout_free, tmp_path):
+def test_a_signal_to_one_process_stops_both_at_the_same_step_with_complete_checkpoints(assets, dropout_free, tmp_path):
     # SLURM signals every process, but a launcher or a node may pass it on to some only: here it reaches rank 1, which
-    # logs nothing, while rank 0 gets no signal of its own. Both must save the same step and stop. (Resuming from
-    # such a checkpoint on several processes: test_two_cpu_processes_resume_from_a_checkpoint.)
+    # logs nothing, while rank 0 gets no signal of its own. Both must save the same step and stop, agreeing through
+    # the group they train with, which claims to be NCCL's and allows no second one (tests/distributed_probe.py).
+    # Rank 1 writes its random state late: no checkpoint is marked complete without it. (Resuming from such a
+    # checkpoint on several processes: test_two_cpu_processes_resume_from_a_checkpoint.)
     output_dir = tmp_path / "out"
     args = arguments(run_clm, assets, dropout_free, output_dir, "adapter", "--max_steps", "12", "--save_strategy",
                      "steps", "--save_steps", "5", "--logging_steps", "1")
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-               str(REPO / "run_clm.py"), *args]
+               str(REPO / "tests/distributed_probe.py"), str(tmp_path), str(REPO / "run_clm.py"), *args]
     launcher = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                 env={**ENV, "PYTHONUNBUFFERED": "1"})
     output, losses = [], 0
@@ -140,6 +142,7 @@ def test_a_signal_to_one_process_stops_both_at_the_same_step_with_one_checkpoint
     assert (checkpoint / "rng_state_0.pth").is_file() and (checkpoint / "rng_state_1.pth").is_file()
     assert read_json(checkpoint / "trainer_state.json")["global_step"] == step
     assert not (output_dir / "all_results.json").exists()
+    assert (tmp_path / "completeness.txt").read_text().split() == ["checkpoint-5", "True", checkpoint.name, "True"]
 
 
 def test_two_processes_merge_the_trained_lora_on_the_main_process_alone(assets, dropout_free, tmp_path):

@@ -14,8 +14,8 @@ from conftest import read_json, small_file_system, tiny_run_arguments
 
 import run_clm
 import run_mlm
-from lmtune.errors import StoppedBySignal
 from lmtune.output_dir import last_complete_checkpoint
+from lmtune.stopping import StoppedBySignal
 from lmtune.training import LanguageModelingTrainer, StopOnSignal
 
 

@@ -23,7 +23,7 @@ import pyarrow.compute as pc
 import torch
 from transformers import AutoModelForCausalLM, default_data_collator, set_seed
 
-from lmtune.adapter_setup import check_adapter_options, check_adapter_trains, setup_adapter
+from lmtune.adapter_setup import check_adapter_options, setup_adapter
 from lmtune.arguments import AdapterGroupArguments, DataArguments, parse_command_line
 from lmtune.checks import check_arguments
 from lmtune.data import apply_max_samples, concatenate_and_cut, load_raw_datasets, token_stream, tokenize_and_group
@@ -44,6 +44,7 @@ from lmtune.peft_export import write_peft_adapter
 from lmtune.reporting import Written, plot_training_curves, print_summary
 from lmtune.samples import write_samples
 from lmtune.training import add_early_stopping, build_trainer, evaluate, train
+from lmtune.trial_step import check_adapter_trains
 
 logger = logging.getLogger(__name__)
 

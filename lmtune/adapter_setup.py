@@ -27,12 +27,11 @@ from adapters.loading import AdapterLoader
 from adapters.methods.lora import LoRAMergedLinear
 from adapters.utils import resolve_adapter_config
 
+from lmtune.adapter_files import load_saved_adapter
 from lmtune.arguments import quantization_flag, quantizes, uses_adapter
-from lmtune.errors import FIX_ADAPTER, UsageError, first_line, reported_as_usage_error, shorten
-from lmtune.hardware import launcher_configures
+from lmtune.errors import UsageError, first_line, shorten
 from lmtune.interfaces import init_adapters
 from lmtune.logs import log_message_dropped
-from lmtune.modeling import weight_identity
 from lmtune.peft_export import check_peft_export
 
 logger = logging.getLogger(__name__)
@@ -104,36 +103,6 @@ def name_layers_for_fsdp(model):
             shares = any(references[key] > count for key, count in inside.items())
             (sharing if shares else wrappable).add(type(module).__name__)
     model._no_split_modules = sorted(wrappable - sharing)
-
-
-def load_saved_adapter(model, flag, location, **load_kwargs):
-    """Load a saved adapter and insist that every one of its weights found its place in this model: adapters
-    itself only warns, and keeps freshly initialised weights where a saved one did not fit."""
-    loading_info = {}
-    with reported_as_usage_error(flag, location, fix=FIX_ADAPTER):
-        try:
-            # use_safetensors reads adapter.safetensors where present and falls back to pytorch_adapter.bin.
-            name = model.load_adapter(location, with_head=False, use_safetensors=True, loading_info=loading_info,
-                                      **load_kwargs)
-        except RuntimeError as error:  # torch's load_state_dict: weights of other shapes, e.g. another width
-            mismatch = next((line.strip() for line in str(error).splitlines() if "size mismatch" in line), None)
-            raise UsageError(
-                f"{flag} {location} does not fit this {model.config.model_type} model "
-                f"({shorten(mismatch or first_line(error))}); {FIX_ADAPTER}."
-            ) from None
-    # adapters names the missing weights from the model or from its base model, depending on the method.
-    state = {**model.base_model.state_dict(), **model.state_dict()}
-    missing = set(loading_info.get("missing_keys", []))
-    # Weights shared under several names (prefix tuning's pool) are saved once: their other names load with it.
-    loaded = {weight_identity(tensor) for key, tensor in state.items() if key not in missing}
-    misfits = loading_info.get("unexpected_keys", []) + [
-        key for key in missing if key not in state or weight_identity(state[key]) not in loaded]
-    if misfits:
-        raise UsageError(
-            f"{flag} {location} does not fit this {model.config.model_type} model: {len(misfits)} weights have no "
-            f"place in it, e.g. {misfits[0]}; {FIX_ADAPTER}."
-        )
-    return name
 
 
 def check_language_adapter_name(adapter_args):
@@ -246,78 +215,6 @@ def check_adapter_config_keys(path, components):
                 f"--adapter_config {path}: {type(component).__name__} has no setting '{unknown[0]}'"
                 f"{f' (did you mean {close[0]}?)' if close else ''}; fix the key in the file."
             )
-
-
-# What adapters and the models raise for a method or dtype they cannot compute with, in the trial training step.
-TRIAL_STEP_ERRORS = (RuntimeError, ValueError, TypeError, AttributeError, AssertionError, IndexError)
-
-
-def check_adapter_trains(model, tokenizer, data_collator, model_args, training_args, adapter_args):
-    """One forward and backward pass on a sentence: a method this model cannot train is refused now, in seconds,
-    and so is a model that cannot compute at all in the chosen dtype, naming the flags that set it."""
-    if not adapter_args.train_adapter:
-        return
-    if model.dtype != torch.float32 and not (training_args.bf16 or training_args.fp16):
-        raise UsageError(
-            f"--torch_dtype {model_args.torch_dtype} loads the base model in {model.dtype} while the adapter trains "
-            "in float32: add --bf16 (or --fp16 on a GPU) to compute in mixed precision, or drop --torch_dtype."
-        )
-    if places_model_itself(training_args):
-        logger.info("The trial training step is left to the first step of training: FSDP and DeepSpeed place the "
-                    "model themselves.")
-        return
-    if model.device.type == "cpu" and training_args.device.type != "cpu" and not quantizes(model_args):
-        model.to(training_args.device)  # where the Trainer would put it: the step computes where training will
-    example = tokenizer("Adapters are checked on one short sentence before any training starts.")
-    example["labels"] = list(example["input_ids"])
-    random_state = torch.get_rng_state()
-    batch = {name: tensor.to(model.device) for name, tensor in data_collator([example]).items()}
-    model.eval()  # no dropout: the check draws no random numbers that training would have drawn
-    try:
-        with half_precision_autocast(model):
-            model(**batch).loss.backward()
-    except TRIAL_STEP_ERRORS as error:
-        if model.dtype != torch.float32 and not runs_without_adapter(model, batch):
-            raise UsageError(
-                f"The {model.config.model_type} model cannot compute in {model.dtype} here "
-                f"({shorten(first_line(error))}); check --torch_dtype, --bf16/--fp16 and --use_cpu."
-            ) from None
-        raise UsageError(cannot_train_message(adapter_args, model, error)) from None
-    finally:
-        torch.set_rng_state(random_state)
-        model.train()
-    reached = any(parameter.grad is not None for parameter in model.parameters() if parameter.requires_grad)
-    model.zero_grad(set_to_none=True)
-    if not reached:
-        raise UsageError(cannot_train_message(
-            adapter_args, model, "none of its weights reach the loss: its settings leave out every layer, or it "
-            "sits under a language adapter that only the first adapter of a stack can use"))
-
-
-def places_model_itself(training_args):
-    """Whether FSDP or DeepSpeed will place (and shard) the model, rather than the Trainer moving it whole."""
-    launcher = launcher_configures("FSDP") or launcher_configures("DeepSpeed")
-    return bool(training_args.fsdp or training_args.deepspeed or launcher)
-
-
-def half_precision_autocast(model):
-    # A base model loaded in half precision trains under autocast (--bf16/--fp16); the check computes in the base
-    # model's dtype, on its device.
-    return torch.autocast(model.device.type, dtype=model.dtype, enabled=model.dtype in (torch.bfloat16, torch.float16))
-
-
-def runs_without_adapter(model, batch):
-    """Whether the base model alone computes the batch: if not, the adapter is not what fails."""
-    active = model.active_adapters
-    model.set_active_adapters(None)
-    try:
-        with torch.no_grad(), half_precision_autocast(model):
-            model(input_ids=batch["input_ids"])
-    except TRIAL_STEP_ERRORS:
-        return False
-    finally:
-        model.set_active_adapters(active)
-    return True
 
 
 class PromptLabelCollator:

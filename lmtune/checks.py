@@ -13,6 +13,7 @@ import datasets
 import huggingface_hub
 import torch
 import transformers
+from accelerate.utils import DeepSpeedPlugin, DistributedType, FullyShardedDataParallelPlugin
 from datasets.data_files import resolve_pattern
 from fsspec.core import url_to_fs
 from transformers import CONFIG_MAPPING, Trainer
@@ -24,11 +25,10 @@ from lmtune.adapter_setup import check_adapter_config
 from lmtune.arguments import ends_with_an_adapter, quantization_flag, quantizes, uses_adapter
 from lmtune.data import FILE_BUILDERS, file_extension, read_prompts
 from lmtune.errors import UsageError, first_line, shorten
-from lmtune.hardware import warn_if_bf16_is_emulated
+from lmtune.hardware import launcher_configures, warn_if_bf16_is_emulated
 from lmtune.hub import check_hub_is_reachable, use_local_cache_only
 from lmtune.interfaces import read_adapter_interface
 from lmtune.output_dir import is_complete_checkpoint
-from lmtune.training import check_sharding
 
 logger = logging.getLogger(__name__)
 
@@ -452,3 +452,63 @@ def resolved_data_files(flag, path):
             f"{flag} {path} cannot be reached ({shorten(first_line(error))}); check the URL and the network, or give "
             "a local file."
         ) from None
+
+
+# accelerate's distributed types in which an FSDP configuration applies (AcceleratorState): several processes on
+# accelerators. On CPUs (MULTI_CPU) accelerate runs plain data parallel instead.
+FSDP_DISTRIBUTED_TYPES = {kind for kind in DistributedType
+                          if kind.name.startswith("MULTI_") and kind is not DistributedType.MULTI_CPU}
+
+
+def sharding_engines(training_args):
+    """The FSDP plugin and the DeepSpeed plugin that the Trainer's accelerator will run with (None where it will not),
+    known from the arguments and the launcher's environment before the Trainer is built, as accelerate decides:
+    DeepSpeed from --deepspeed, or from the launcher where accelerate's process state turned to it; FSDP (from
+    --fsdp or the launcher, in ACCELERATE_USE_FSDP) where the processes run on accelerators (FSDP_DISTRIBUTED_TYPES).
+    A launcher's configuration that does not apply is pointed out."""
+    distributed_type = getattr(training_args.distributed_state, "distributed_type", None)  # None: SageMaker MP
+    fsdp = None
+    if launcher_configures("FSDP") and distributed_type in FSDP_DISTRIBUTED_TYPES:
+        fsdp = FullyShardedDataParallelPlugin()  # from the environment, as accelerate's Accelerator builds it
+    deepspeed = training_args.deepspeed_plugin
+    if deepspeed is None and distributed_type == DistributedType.DEEPSPEED:
+        deepspeed = DeepSpeedPlugin()
+    for name, plugin in (("FSDP", fsdp), ("DeepSpeed", deepspeed)):
+        if launcher_configures(name) and plugin is None:
+            logger.warning(
+                f"{name} is configured, but accelerate runs it on GPUs and other accelerators only: on CPUs this run "
+                "is plain data parallel, each process holding the whole model."
+            )
+    return fsdp, deepspeed
+
+
+def check_sharding(training_args, adapter_args):
+    """Refuse, with the other checks before any model or data is loaded, a sharding mode whose adapter could not be
+    saved whole, and what needs the whole model in one process under one."""
+    fsdp, deepspeed = sharding_engines(training_args)
+    if not adapter_args.train_adapter:
+        return
+    zero = deepspeed.deepspeed_config.get("zero_optimization", {}) if deepspeed is not None else {}
+    if fsdp is not None or zero.get("stage") == 3:
+        flag = next((flag for flag, wanted in (("--merge_adapter", adapter_args.merge_adapter),
+                                               ("--export_peft", adapter_args.export_peft)) if wanted), None)
+        if flag is not None:
+            raise UsageError(
+                f"{flag} needs the whole model in one process, which FSDP and DeepSpeed ZeRO-3 shard: drop it here, "
+                f"and run it on the saved adapter afterwards in one process (--load_adapter DIR {flag})."
+            )
+    if fsdp is not None and fsdp.fsdp_version != 2:
+        raise UsageError(
+            "--train_adapter under FSDP needs fsdp_version: 2 in the accelerate config: with FSDP1 the adapter cannot "
+            "be saved from the sharded model (configs/fsdp.yaml is a configuration that works)."
+        )
+    if fsdp is not None and "FULL_STATE_DICT" not in str(fsdp.state_dict_type):
+        raise UsageError(
+            f"--train_adapter under FSDP with {fsdp.state_dict_type} would save no adapter; set "
+            "fsdp_state_dict_type: FULL_STATE_DICT in the accelerate config."
+        )
+    if zero.get("stage") == 3 and not zero.get("stage3_gather_16bit_weights_on_model_save", False):
+        raise UsageError(
+            "--train_adapter under DeepSpeed ZeRO-3 needs \"stage3_gather_16bit_weights_on_model_save\": true in "
+            "zero_optimization of the DeepSpeed config, or the adapter cannot be gathered to be saved."
+        )

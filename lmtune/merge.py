@@ -8,12 +8,12 @@ from pathlib import Path
 
 import torch
 
-from lmtune.adapter_setup import half_precision_autocast
+from lmtune.adapter_files import save_adapter_files
 from lmtune.arguments import quantizes
 from lmtune.interfaces import init_adapters, reads_tuple_cache
 from lmtune.modeling import load_config, load_model
 from lmtune.output_dir import writing
-from lmtune.training import save_adapter_files
+from lmtune.trial_step import half_precision_autocast
 
 
 def write_merged_model(model, tokenizer, model_args, training_args, adapter_args):

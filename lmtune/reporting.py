@@ -10,6 +10,7 @@ from typing import NamedTuple, Optional
 
 from adapters.loading import AdapterLoader
 
+from lmtune.adapter_files import adapter_files
 from lmtune.arguments import uses_adapter
 from lmtune.errors import shorten
 from lmtune.hardware import bf16_tip
@@ -196,15 +197,6 @@ def evaluated_model_summary(model, adapter_args):
         files = adapter_files(Path(adapter_args.load_adapter))
         line += f" ({adapter_args.load_adapter}, {megabytes(files)})"
     return line
-
-
-def adapter_files(folder):
-    """The files of a saved adapter, its weights counted once: pytorch_adapter.bin beside adapter.safetensors holds
-    the same weights, for adapters' default loader."""
-    files = [path for path in folder.rglob("*") if path.is_file()]
-    if (folder / "adapter.safetensors").is_file():
-        files = [path for path in files if path != folder / "pytorch_adapter.bin"]
-    return files
 
 
 def weight_files(folder):

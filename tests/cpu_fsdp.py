@@ -30,5 +30,5 @@ accelerate.state.AcceleratorState.__init__ = init_with_fsdp_on_cpu
 script, sys.argv = sys.argv[1], sys.argv[1:]
 sys.path.insert(0, str(Path(script).resolve().parent))  # as `python script` does: lmtune/ beside it is importable
 # The scripts' own checks, made before the Trainer's accelerator exists, follow accelerate's gate: lifted alike.
-importlib.import_module("lmtune.training").FSDP_DISTRIBUTED_TYPES.add(DistributedType.MULTI_CPU)
+importlib.import_module("lmtune.checks").FSDP_DISTRIBUTED_TYPES.add(DistributedType.MULTI_CPU)
 runpy.run_path(script, run_name="__main__")

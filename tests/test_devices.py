@@ -15,10 +15,10 @@ from transformers import AutoModelForCausalLM
 
 import run_clm
 from lmtune import hardware
+from lmtune.adapter_files import save_adapter_files
 from lmtune.adapter_setup import setup_adapter
 from lmtune.merge import plain_model
 from lmtune.samples import write_samples
-from lmtune.training import save_adapter_files
 
 
 def saved_adapter(base, folder, name, config):

@@ -28,8 +28,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import run_clm
 import run_mlm
+from lmtune.checks import check_sharding
 from lmtune.output_dir import last_complete_checkpoint
-from lmtune.training import check_sharding
 
 MODES = {"adapter": ["--train_adapter"], "full": []}
 METRICS = ("train_loss", "eval_loss", "eval_accuracy")
@@ -305,7 +305,7 @@ def test_what_needs_the_whole_model_in_one_process_is_refused_under_a_sharded_mo
 def test_an_fsdp_configuration_that_accelerate_drops_on_cpus_is_pointed_out(monkeypatch, caplog):
     # What `accelerate launch --config_file configs/fsdp.yaml` sets, here with FSDP1, on CPU processes.
     on_cpus = arguments_under(monkeypatch, **FSDP1, distributed_type=DistributedType.MULTI_CPU)
-    with caplog.at_level(logging.WARNING, logger="lmtune.training"):
+    with caplog.at_level(logging.WARNING, logger="lmtune.checks"):
         check_sharding(on_cpus, ADAPTER_ONLY)  # data parallel after all: nothing to refuse
     assert "FSDP is configured, but accelerate runs it on GPUs and other accelerators only" in caplog.text
 
@@ -314,7 +314,7 @@ def test_a_sharding_the_adapter_could_not_be_saved_from_is_refused_before_the_da
                                                                                             tmp_path, capsys):
     # One process stands for the GPUs that FSDP would apply on; the refusal once came after the data was tokenized
     # and the Trainer built, with the output folder claimed.
-    monkeypatch.setattr("lmtune.training.FSDP_DISTRIBUTED_TYPES", {DistributedType.NO})
+    monkeypatch.setattr("lmtune.checks.FSDP_DISTRIBUTED_TYPES", {DistributedType.NO})
     arguments_under(monkeypatch, **FSDP1)
     monkeypatch.setattr(run_clm, "load_raw_datasets", lambda *args: pytest.fail("the data was read"))
     argv = tiny_run_arguments(run_clm, assets, tmp_path / "out", "--do_train", "--train_adapter")

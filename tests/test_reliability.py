@@ -14,9 +14,10 @@ from conftest import read_json, small_file_system, tiny_run_arguments
 
 import run_clm
 import run_mlm
+from lmtune.callbacks import StopOnSignal
 from lmtune.output_dir import last_complete_checkpoint
 from lmtune.stopping import StoppedBySignal
-from lmtune.training import LanguageModelingTrainer, StopOnSignal
+from lmtune.trainer import LanguageModelingTrainer
 
 
 def arguments(script, assets, output_dir, *extra):

@@ -33,9 +33,9 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForMaskedLM 
 
 import run_clm  # noqa: E402
 import run_mlm  # noqa: E402
+from lmtune.adapter_files import adapter_files  # noqa: E402
 from lmtune.errors import shorten  # noqa: E402
 from lmtune.modeling import load_config, load_model, load_tokenizer  # noqa: E402
-from lmtune.reporting import adapter_files  # noqa: E402
 
 START, END = "<!-- adapter-methods:start -->", "<!-- adapter-methods:end -->"
 # (column title, script, tiny model folder, the script's length flag)

@@ -78,13 +78,15 @@ class CausalDataArguments(DataArguments):
         },
     )
 
-    def __post_init__(self):
+    def check_own_flags(self, training_args):
         if self.block_size is not None and self.block_size < 2:
             raise UsageError(
                 f"--block_size {self.block_size} leaves no token to predict: a block needs at least 2 tokens, one "
                 "to read and one to predict; leave it out for the model's length."
             )
         self.check_eval_stride(self.block_size)
+        if self.eval_stride is not None and not training_args.do_eval:
+            raise UsageError("--eval_stride evaluates the validation data with a sliding window: add --do_eval.")
 
     def check_eval_stride(self, block_size):
         """Refuse a stride outside 1 to the block size; checked again once the block size is known."""
@@ -142,8 +144,6 @@ def validation_windows(raw_datasets, tokenizer, block_size, data_args, training_
     if data_args.eval_stride is None:
         return None
     data_args.check_eval_stride(block_size)
-    if not training_args.do_eval:
-        raise UsageError("--eval_stride evaluates the validation data with a sliding window: add --do_eval.")
     limit = None if data_args.max_eval_samples is None else data_args.max_eval_samples * block_size
     token_ids = token_stream(raw_datasets["validation"], partial(tokenize, tokenizer), limit)
     return SlidingWindow(token_ids, block_size, data_args.eval_stride)

@@ -83,7 +83,7 @@ class MaskedDataArguments(DataArguments):
         },
     )
 
-    def __post_init__(self):
+    def check_own_flags(self, training_args):
         if self.max_seq_length is not None and self.max_seq_length < 2:
             raise UsageError(
                 f"--max_seq_length {self.max_seq_length} leaves no context to predict a masked token from: give "

@@ -162,6 +162,9 @@ class DataArguments:
         },
     )
 
+    def check_own_flags(self, training_args):
+        """Refuse values of a script's own data flags (its subclass's), with the other checks of the arguments."""
+
     def text_file_options(self):
         """Options for the `datasets` reader of .txt files; a script's subclass adds those of its flags."""
         return {}

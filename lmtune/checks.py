@@ -40,7 +40,14 @@ COMPILE_BACKEND_PACKAGES = {"tensorrt": "torch_tensorrt", "torch_tensorrt": "tor
 
 def check_arguments(model_args, data_args, training_args, adapter_args, evaluation_args):
     """Refuse mistakes before anything slow happens, each with one sentence naming the flag and the fix. Where the
-    hub cannot be reached but its local cache holds every hub name given, the run then loads from that cache alone."""
+    hub cannot be reached but its local cache holds every hub name given, the run then loads from that cache alone.
+
+    The checks that need more than the arguments follow in the scripts' main(), each as soon as what it needs is
+    there, in this order: the output folder's (output_dir.detect_last_checkpoint, check_resume_checkpoint,
+    check_nothing_in_the_way); the tokenizer's (run_mlm's load_tokenizer_with_mask); the adapter's, in the model
+    (adapter_setup.setup_adapter, check_adapter_options, then the trial step, trial_step.check_adapter_trains); the
+    examples' length, once the model's limit is known (run_clm's validation_windows, run_mlm's choose_max_seq_length);
+    and the data's, once tokenized (data.tokenize_and_group, run_mlm's mask_eval_dataset)."""
     check_model_arguments(model_args)
     check_cache_folders(model_args)
     check_data_arguments(data_args, training_args)
@@ -100,7 +107,8 @@ def check_cache_folders(model_args):
 
 
 def check_data_arguments(data_args, training_args):
-    """The data flags both scripts share; each script checks its own (the example length) before calling this."""
+    """The data flags: each script's own (the examples' length, and how they are made), then those both share."""
+    data_args.check_own_flags(training_args)
     if data_args.dataset_name is None and data_args.train_file is None and data_args.validation_file is None:
         raise UsageError("No data given: pass --dataset_name, or --train_file and/or --validation_file.")
     for flag, path in (("--train_file", data_args.train_file), ("--validation_file", data_args.validation_file)):

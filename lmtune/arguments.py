@@ -17,8 +17,10 @@ from transformers import HfArgumentParser, TrainingArguments
 from transformers.training_args import OptimizerNames
 
 from lmtune.errors import UsageError, first_line, one_line, shorten
-from lmtune.hardware import prepare_launcher_environment, unpin_memory_without_accelerator
+from lmtune.hardware import LauncherEnvironment, unpin_memory_without_accelerator
 
+# The launcher's settings for accelerate, put back before each run in this process parses its arguments.
+LAUNCHER_ENVIRONMENT = LauncherEnvironment()
 # A single argument that ends so is a file of arguments, the flags as keys.
 ARGUMENTS_FILE_EXTENSIONS = (".json", ".yaml", ".yml")
 COMMON_TRAINER_FLAGS = {
@@ -329,17 +331,26 @@ def parse_command_line(argv, data_arguments, adapter_arguments):
     """Read the five argument groups from the command line, or from a single .json or .yaml file of arguments; the
     script hands in its own data and adapter argument classes."""
     argv = sys.argv[1:] if argv is None else list(argv)
-    prepare_launcher_environment()  # before TrainingArguments reads and writes it
     parser = ArgumentParser(
         (ModelArguments, data_arguments, TrainingArguments, adapter_arguments, EvaluationArguments),
         every_flag="--help-all" in argv,
     )
-    arguments_file = argv[0] if len(argv) == 1 and argv[0].endswith(ARGUMENTS_FILE_EXTENSIONS) else None
+    launcher_settings = LAUNCHER_ENVIRONMENT.restored()  # before TrainingArguments reads and writes them
     try:
-        if arguments_file:
-            arguments = parser.parse_dict(numbers_typed(parser, read_arguments_file(arguments_file), arguments_file))
-        else:
-            arguments = parser.parse_args_into_dataclasses(args=argv)
+        arguments = parsed_groups(parser, argv)
+    finally:
+        LAUNCHER_ENVIRONMENT.note_written(launcher_settings)
+    unpin_memory_without_accelerator(arguments[2])
+    choose_optimizer_for_xla(arguments[2], optim_given(parser, argv))
+    return arguments
+
+
+def parsed_groups(parser, argv):
+    """The argument groups of argv as parser reads them; a mistake in them refused in one line."""
+    try:
+        if len(argv) == 1 and argv[0].endswith(ARGUMENTS_FILE_EXTENSIONS):
+            return parser.parse_dict(numbers_typed(parser, read_arguments_file(argv[0]), argv[0]))
+        return parser.parse_args_into_dataclasses(args=argv)
     except ImportError as error:  # TrainingArguments looks for the packages of a few flags (--deepspeed) itself
         raise UsageError(
             f"{flag_needing_a_package(parser, argv)} needs a package that is not installed "
@@ -352,9 +363,6 @@ def parse_command_line(argv, data_arguments, adapter_arguments):
                 "avx512_bf16 or amx_bf16 in /proc/cpuinfo), or drop --bf16."
             ) from None
         raise UsageError(f"{one_line(error)}; see --help for the flags and their values.") from None
-    unpin_memory_without_accelerator(arguments[2])
-    choose_optimizer_for_xla(arguments[2], optim_given(parser, argv))
-    return arguments
 
 
 def read_arguments_file(path):

@@ -1,7 +1,6 @@
 """The machine: what its CPU computes natively, whether it has an accelerator, and what a launcher set up for the
 run."""
 
-import functools
 import logging
 import os
 from pathlib import Path
@@ -56,22 +55,34 @@ def unpin_memory_without_accelerator(training_args):
         training_args.dataloader_pin_memory = False
 
 
-@functools.cache
-def launcher_environment():
-    """The launcher's settings for this process, as they were before any run in it changed them: read once, at the
-    first run's set-up."""
+class LauncherEnvironment:
+    """The environment that accelerate reads, as the launcher (accelerate launch, torchrun) set it for each run of this
+    process: TrainingArguments writes its own settings there (the precision, torch.compile's backend, FSDP and
+    DeepSpeed settings), where a later run in the same process would take them for the launcher's."""
+
+    def __init__(self):
+        self.written_over = {}  # what the last run's arguments changed: each setting's value before, None if unset
+
+    def restored(self):
+        """Put back what the last run's arguments wrote, and give torchrun on CPUs a CPU process group."""
+        for name, value in self.written_over.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+        self.written_over = {}
+        use_cpu_process_group_under_launcher()
+        return accelerate_settings()
+
+    def note_written(self, before):
+        """Remember what the arguments just parsed changed of the settings before (restored's)."""
+        after = accelerate_settings()
+        self.written_over = {name: before.get(name) for name in before.keys() | after.keys()
+                             if before.get(name) != after.get(name)}
+
+
+def accelerate_settings():
     return {name: value for name, value in os.environ.items() if name.startswith(LAUNCHER_SETTINGS_PREFIX)}
-
-
-def prepare_launcher_environment():
-    """The run's set-up of the environment that accelerate reads: each run starts from the launcher's settings, since
-    TrainingArguments writes its own there (the precision, torch.compile's backend), where a later run in this
-    process would take them for the launcher's; and torchrun on CPUs gets a CPU process group."""
-    launcher = launcher_environment()
-    for name in [name for name in os.environ if name.startswith(LAUNCHER_SETTINGS_PREFIX) and name not in launcher]:
-        del os.environ[name]
-    os.environ.update(launcher)
-    use_cpu_process_group_under_launcher()
 
 
 def use_cpu_process_group_under_launcher():

@@ -16,7 +16,7 @@ from transformers import AutoTokenizer
 
 import run_clm
 import run_mlm
-from lmtune import checks, training
+from lmtune import checks, trainer
 from lmtune.output_dir import LOCK_FILE
 
 
@@ -237,8 +237,8 @@ def test_the_push_uploads_the_folder_that_the_final_save_wrote_without_saving_ag
                                                                                       monkeypatch):
     # Under FSDP, DeepSpeed ZeRO-3 and XLA only save_model gathers the weights: each push (the Trainer's at the end of
     # training, then the run's with the card) saved again from the live model, over the good files, and uploaded that.
-    saves, save_adapter_files = [], training.save_adapter_files
-    monkeypatch.setattr(training, "save_adapter_files", lambda model, folder, *args, **kwargs: (
+    saves, save_adapter_files = [], trainer.save_adapter_files
+    monkeypatch.setattr(trainer, "save_adapter_files", lambda model, folder, *args, **kwargs: (
         saves.append(folder), save_adapter_files(model, folder, *args, **kwargs)))
     trained = tmp_path / "trained"
     run_clm.main(tiny_run_arguments(run_clm, assets, trained, "--do_train", "--train_adapter", "--max_steps", "2",

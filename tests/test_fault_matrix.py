@@ -21,7 +21,7 @@ from matplotlib.figure import Figure
 
 import run_clm
 import run_mlm
-from lmtune import peft_export, training
+from lmtune import peft_export, trainer
 from lmtune.errors import UsageError
 from lmtune.output_dir import last_complete_checkpoint, writing
 
@@ -49,14 +49,14 @@ def fail_checkpoint(monkeypatch, failure):
 
 
 def fail_adapter(monkeypatch, failure):
-    save = training.save_adapter_files
+    save = trainer.save_adapter_files  # as the Trainer subclass calls it
 
     def failing(model, folder, *args, **kwargs):
         if not folder.parent.name.startswith("checkpoint-"):  # the adapter saved once training ends
             raise failure(folder / "adapter.safetensors")
         save(model, folder, *args, **kwargs)
 
-    monkeypatch.setattr(training, "save_adapter_files", failing)
+    monkeypatch.setattr(trainer, "save_adapter_files", failing)
 
 
 def fail_metrics(monkeypatch, failure):

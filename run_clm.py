@@ -29,6 +29,7 @@ from lmtune.checks import check_arguments
 from lmtune.data import apply_max_samples, load_raw_datasets, token_stream, tokenize_and_group
 from lmtune.data import group_texts as group_texts_of_any_columns
 from lmtune.errors import UsageError, run_from_command_line
+from lmtune.lean_loss import CAUSAL
 from lmtune.logs import setup_logging
 from lmtune.metrics import SlidingWindow, TokenMetrics, predictions_and_losses
 from lmtune.modeling import example_length, load_config, load_model, load_tokenizer
@@ -189,7 +190,8 @@ def main(argv=None):
         lm_datasets = preprocess(raw_datasets, tokenizer, block_size, data_args, training_args)
         train_dataset, eval_dataset = apply_max_samples(lm_datasets, data_args)
         trainer = build_trainer(model, tokenizer, data_collator, train_dataset, eval_dataset, training_args,
-                                adapter_args, Path(__file__).name, compute_metrics, preprocess_logits_for_metrics)
+                                adapter_args, Path(__file__).name, compute_metrics, preprocess_logits_for_metrics,
+                                lean_loss=model_args.lean_loss and CAUSAL)
         add_early_stopping(trainer, evaluation_args)
         check_sharding(trainer, adapter_args)
 

@@ -37,6 +37,7 @@ from lmtune.arguments import AdapterGroupArguments, DataArguments, parse_command
 from lmtune.checks import check_arguments
 from lmtune.data import apply_max_samples, group_texts, load_raw_datasets, progress_bar, tokenize_and_group
 from lmtune.errors import UsageError, run_from_command_line
+from lmtune.lean_loss import MASKED
 from lmtune.logs import setup_logging
 from lmtune.metrics import TokenMetrics, predictions_and_losses, token_losses
 from lmtune.modeling import example_length, load_config, load_model, load_tokenizer, tokenizer_source
@@ -344,6 +345,7 @@ def main(argv=None):
             compute_loss_func=None if training_args.label_smoothing_factor else loss_per_masked_token,
             # The masking collator learns the epoch from the Trainer, so that every epoch masks the text differently.
             callbacks=[getattr(data_collator, "collator", data_collator)],
+            lean_loss=model_args.lean_loss and MASKED,
         )
         add_early_stopping(trainer, evaluation_args)
         check_sharding(trainer, adapter_args)

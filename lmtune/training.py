@@ -26,6 +26,7 @@ from lmtune.adapter_setup import load_saved_adapter
 from lmtune.arguments import uses_adapter
 from lmtune.errors import StoppedBySignal, UsageError, first_line
 from lmtune.hardware import launcher_configures
+from lmtune.lean_loss import LeanLossMixin
 from lmtune.logs import log_message_dropped
 from lmtune.metrics import perplexity, sliding_window_loss
 
@@ -36,7 +37,7 @@ logger = logging.getLogger(__name__)
 LOSS_SUM_FILE = "train_loss_sum.json"
 
 
-class LanguageModelingTrainer(Trainer):
+class LanguageModelingTrainer(LeanLossMixin, Trainer):
     """The Trainer, except that a resumed run reports the train_loss of the uninterrupted run: the Trainer divides
     the losses of this session alone by all steps, so every checkpoint here keeps the sum of the losses before it."""
 
@@ -497,6 +498,6 @@ def sliding_window_metrics(trainer, sliding_window):
     with trainer.autocast_smart_context_manager():
         loss, scored = sliding_window_loss(trainer.model, sliding_window.token_ids, sliding_window.window,
                                            sliding_window.stride, trainer.args.per_device_eval_batch_size,
-                                           trainer.data_collator)
+                                           trainer.data_collator, trainer.lean_next_token_losses())
     return {"eval_strided_loss": loss, "strided_perplexity": perplexity(loss), "eval_stride": sliding_window.stride,
             "eval_strided_tokens": scored, "eval_strided_runtime": round(time.perf_counter() - start, 4)}

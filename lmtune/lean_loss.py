@@ -461,12 +461,15 @@ class LeanLossMixin:
                                                 TOLERANCES.get(dtype, TOLERANCES[torch.float32]))
         if difference is not None:
             return self.lean_loss_off(mode, difference)
+        gradients = " and gradients" if training else ""
         logger.info(f"The lean loss computes the {mode} loss without the full logits: on the first batch it gives "
-                    f"the model's own loss (relative difference {relative:.1g}) and gradients; --no_lean_loss turns "
-                    "it off.")
+                    f"the model's own loss (relative difference {relative:.1g}){gradients}; --no_lean_loss turns it "
+                    "off.")
         return True
 
     def lean_loss_off(self, mode, reason):
-        logger.warning(f"The lean loss is off for {mode}: {reason}; the model's own forward computes the loss, with "
+        """The model's own forward for the rest of the run, in training and evaluation alike: one line says why."""
+        self.lean_decisions = {True: False, False: False}
+        logger.warning(f"The lean loss is off ({mode}): {reason}; the model's own forward computes the loss, with "
                        "all its logits at once.")
         return False

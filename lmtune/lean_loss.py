@@ -415,7 +415,8 @@ class LeanLossMixin:
             if reason is not None:
                 self.lean_decisions = {True: False, False: False}
                 if self.is_world_process_zero():
-                    logger.info(f"The lean loss is off: {reason}; the model's own forward computes the loss.")
+                    logger.warning(f"The lean loss is off: {reason}; the model's own forward computes the loss, "
+                                   "with all its logits at once.")
                 return False
             decision = self.decide_lean_loss(model, inputs)
             if decision is None:

@@ -114,12 +114,8 @@ class ModelArguments:
     lean_loss: bool = field(
         default=True,
         metadata={
-            "help": "Compute the loss without the full batch x length x vocabulary logits, for less memory: run_clm.py "
-            "runs the output layer and the cross-entropy over chunks of positions, run_mlm.py runs the head at the "
-            "masked positions alone, in training and evaluation. Checked against the model's own loss and gradients "
-            "on the first batch: where they differ (e.g. logit soft-capping), and under XLA, FSDP, DeepSpeed or "
-            "--torch_compile, the model's own forward computes the loss, as the log says. --no_lean_loss always "
-            "uses the model's own forward."
+            "help": "Compute the loss without the full batch x length x vocabulary logits, for less memory; used "
+            "where the first batch gives the model's own loss and gradients (README: The lean loss)."
         },
     )
 

@@ -13,7 +13,7 @@ not done here, so each run compares the two paths on its first batch, in its pre
 where they differ, saying so in one line."""
 
 import logging
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 
 import torch
 import torch.nn.functional as F
@@ -154,30 +154,31 @@ def output_projection(model):
     return head.weight, head.bias
 
 
-def changes_logits_after_projection(model, call, inputs):
-    """Whether the model's forward changes the logits after its output projection (soft-capping, scaling, ...): the
-    projection is handed a probe, its own input scaled to logits of about PROBE_LOGIT, and the logits that the model
-    returns are compared with the probe's projection, computed alike (same dtype, same input)."""
-    weight, bias = output_projection(model)
+@contextmanager
+def logits_probed(model):
+    """The logits that leave the model's output projection replaced by a probe, a ramp from -PROBE_LOGIT to
+    PROBE_LOGIT over the vocabulary at one position; changed(outputs) says whether the model's forward changed them
+    after the projection (soft-capping, scaling, slicing, ...), which the lean path would not do."""
     probes = []
 
-    def probe(module, args):
-        logits = F.linear(args[0], weight, bias)
-        probes.append(args[0] * (PROBE_LOGIT / logits.abs().amax().float().clamp_min(1e-6)).to(args[0].dtype))
-        return (probes[-1], *args[1:])
+    def replace(module, args, output):
+        ramp = torch.linspace(-PROBE_LOGIT, PROBE_LOGIT, output.shape[-1], device=output.device).to(output.dtype)
+        probes.append(ramp.expand(*output.shape[:-2], 1, output.shape[-1]))
+        return probes[-1]
 
-    handle = model.get_output_embeddings().register_forward_pre_hook(probe)
+    def changed(outputs):
+        if len(probes) != 1:
+            raise LeanUnfit(f"the output layer was called {len(probes)} times, not once")
+        logits = (outputs["logits"] if isinstance(outputs, dict) else outputs[0]).float()
+        if logits.shape != probes[0].shape:
+            return True
+        return not (logits - probes[0].float()).abs().amax() <= 8 * torch.finfo(probes[0].dtype).eps * PROBE_LOGIT
+
+    handle = model.get_output_embeddings().register_forward_hook(replace)
     try:
-        with torch.no_grad():
-            outputs = call(**{name: value for name, value in inputs.items() if name != "labels"})
-            logits = (outputs["logits"] if isinstance(outputs, dict) else outputs[0]).float()
-            expected = F.linear(probes[-1], weight, bias).float()
+        yield changed
     finally:
         handle.remove()
-    if len(probes) != 1 or logits.shape != expected.shape:
-        raise LeanUnfit(f"the output layer was called {len(probes)} times, not once on batch x length hidden states")
-    gap = (logits - expected).abs().amax() / expected.abs().amax()
-    return not gap <= 8 * torch.finfo(F.linear(probes[-1][..., :1, :], weight, bias).dtype).eps
 
 
 def causal_rows(model, call, inputs):
@@ -441,21 +442,28 @@ class LeanLossMixin:
         def own():
             return super(LeanLossMixin, self).compute_loss(unwrapped, dict(row))
 
+        mode = "training" if training else "evaluation"
+        outputs = []
+
+        def lean_call(**inputs):
+            outputs.append(unwrapped(**inputs))
+            return outputs[-1]
+
         def lean():
             if training:
-                return lean_loss(self.lean_objective, unwrapped, unwrapped, row, count)
-            return lean_evaluation(self.lean_objective, unwrapped, unwrapped, row)[1].sum() / count
+                return lean_loss(self.lean_objective, unwrapped, lean_call, row, count)
+            return lean_evaluation(self.lean_objective, unwrapped, lean_call, row)[1].sum() / count
 
-        mode = "training" if training else "evaluation"
+        probed = logits_probed(unwrapped) if self.lean_objective == CAUSAL else nullcontext()
         with random_numbers_repeatable(unwrapped.device) as again:
             try:
-                if self.lean_objective == CAUSAL and changes_logits_after_projection(unwrapped, unwrapped, row):
-                    return self.lean_loss_off(mode, "the model changes its logits after its output layer (e.g. logit "
-                                                    "soft-capping or scaling)")
-                again()
                 own_result = loss_and_gradients(own, trained, scale)
                 again()
-                lean_result = loss_and_gradients(lean, trained, scale)
+                with probed as changed:
+                    lean_result = loss_and_gradients(lean, trained, scale)
+                if changed is not None and changed(outputs[-1]):
+                    return self.lean_loss_off(mode, "the model changes its logits after its output layer (e.g. logit "
+                                                    "soft-capping or scaling)")
             except (LeanUnfit, RuntimeError, ValueError, TypeError, IndexError, KeyError) as error:
                 return self.lean_loss_off(mode, f"this model's forward does not fit it ({first_line(error)})")
         difference, relative = first_difference(own_result, lean_result, [name for name, _ in trained],

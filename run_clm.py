@@ -29,6 +29,7 @@ from lmtune.checks import check_arguments
 from lmtune.data import apply_max_samples, concatenate_and_cut, load_raw_datasets, token_stream, tokenize_and_group
 from lmtune.errors import UsageError, run_from_command_line
 from lmtune.hub import publish
+from lmtune.lean_loss import CAUSAL
 from lmtune.logs import setup_logging
 from lmtune.merge import write_merged_model
 from lmtune.metrics import SlidingWindow
@@ -157,6 +158,7 @@ class CausalLanguageModeling(Objective):
     loss_type = "ForCausalLM"
     hub_task = "text-generation"
     peft_task_type = "CAUSAL_LM"
+    lean_loss_kind = CAUSAL
     label_offset = 1  # the logits at position i predict the token at position i + 1
     length_flag = "--block_size"
 
@@ -184,7 +186,7 @@ class CausalLanguageModeling(Objective):
 def main(argv=None):
     model_args, data_args, training_args, adapter_args, evaluation_args = parse_arguments(argv)
     setup_logging(training_args, logger)
-    objective = CausalLanguageModeling()
+    objective = CausalLanguageModeling(model_args.lean_loss)
     check_arguments(model_args, data_args, training_args, adapter_args, evaluation_args)
     with claimed_output_dir(training_args):
         last_checkpoint = detect_last_checkpoint(training_args)

@@ -33,6 +33,7 @@ from lmtune.checks import check_arguments
 from lmtune.data import apply_max_samples, concatenate_and_cut, load_raw_datasets, progress_bar, tokenize_and_group
 from lmtune.errors import UsageError, run_from_command_line
 from lmtune.hub import publish
+from lmtune.lean_loss import MASKED
 from lmtune.logs import setup_logging
 from lmtune.merge import write_merged_model
 from lmtune.metrics import token_losses
@@ -285,6 +286,7 @@ class MaskedLanguageModeling(Objective):
     loss_type = "ForMaskedLM"
     hub_task = "fill-mask"
     peft_task_type = None  # PEFT has no masked-LM task type: it loads the adapter as a plain PeftModel
+    lean_loss_kind = MASKED
     label_offset = 0  # only the masked positions carry a label; every other position is -100
     length_flag = "--max_seq_length"
 
@@ -346,7 +348,7 @@ class MaskedLanguageModeling(Objective):
 def main(argv=None):
     model_args, data_args, training_args, adapter_args, evaluation_args = parse_arguments(argv)
     setup_logging(training_args, logger)
-    objective = MaskedLanguageModeling()
+    objective = MaskedLanguageModeling(model_args.lean_loss)
     check_arguments(model_args, data_args, training_args, adapter_args, evaluation_args)
     with claimed_output_dir(training_args):
         last_checkpoint = detect_last_checkpoint(training_args)

@@ -5,6 +5,7 @@
     python benchmarks/run_benchmark.py --quick    # 2 layers, 256 wide, one round, no compile: ~2 min
     python benchmarks/run_benchmark.py --memory   # memory only, 12 layers (checkpointing, 4-bit): ~18 min
     python benchmarks/run_benchmark.py --smoke    # the tests' tiny models: checks that it runs, ~1 min
+    python benchmarks/run_benchmark.py --lean     # the lean loss against the model's own forward: ~10 min
 
 Everything is built on the spot, in a temporary folder, from text that every Python install has (the standard
 library's source): a corpus, byte-level BPE tokenizers with GPT-2 and RoBERTa special tokens, and models with
@@ -24,8 +25,14 @@ random weights. What is measured, all with the scripts' own functions:
   and with the base loaded in fp32, 4 bits and 8 bits (bitsandbytes), at GPT-2 small's and RoBERTa base's full
   depth (a Llama of GPT-2 small's shape stands in for GPT-2 under quantization, which adapters cannot run on it).
 
-Results are written to OUT/results.json and OUT/results.md, or with --memory to OUT/memory.json and OUT/memory.md
-(--out, default benchmarks/results).
+* with --lean, instead of all this: peak memory and tokens/s of a training step with the lean loss (the default)
+  against the model's own forward and loss (--no_lean_loss, what upstream runs), on the shapes of issue 29 with
+  fewer layers (CPU minutes): a Llama of vocabulary 49,152 at 1024 tokens, batch 4, with and without
+  --gradient_checkpointing; a vocabulary of 256,000 with a small hidden size at 1024 tokens; RoBERTa base's width
+  (run_mlm) at 512 tokens.
+
+Results are written to OUT/results.json and OUT/results.md, with --memory to OUT/memory.json and OUT/memory.md, with
+--lean to OUT/lean.json and OUT/lean.md (--out, default benchmarks/results).
 """
 
 import argparse
@@ -432,6 +439,7 @@ class Run:
     shape: Shape
     variant: str = "fp32"  # "fp32" (eager), "bf16", "compile", "checkpointing", "4bit" or "8bit"
     model: Optional[str] = None  # the kind of model, when not the script's usual one (MODEL_KIND)
+    lean: bool = True  # False: --no_lean_loss, the model's own forward and loss
 
     @property
     def kind(self):
@@ -454,6 +462,8 @@ class Run:
             argv += ["--gradient_checkpointing"]
         elif self.variant in ("4bit", "8bit"):
             argv += [f"--load_in_{self.variant}"]
+        if not self.lean:
+            argv += ["--no_lean_loss"]
         return argv
 
 
@@ -816,6 +826,128 @@ def markdown(results, mode):
     return "\n".join(lines) + "\n"
 
 
+# ---------------------------------------------------------------------------------------------------- lean loss
+
+# The shapes of issue 29 with fewer layers than the models they stand for (SmolLM2-135M has 30): on 2 cores a step of
+# the first takes about 10 s. Fewer layers make the logits a larger share of a step than at full depth.
+LEAN_SHAPES = {
+    "llama": Shape("4x576-v49152", layers=4, hidden=576, heads=9, block=1024, vocab=49152),
+    "large_vocab": Shape("2x256-v256000", layers=2, hidden=256, heads=4, block=1024, vocab=256000),
+    "roberta": Shape("4x768-v50265", layers=4, hidden=768, heads=12, block=512, vocab=50265),
+}
+LEAN_STEPS = 2  # timed steps per run, after the first (which also compares the two paths)
+
+
+def build_lean_assets(work):
+    corpus = build_corpus(work / "corpus.txt", 1_000_000)
+    train_file = build_corpus(work / "train.txt", 400_000)
+    models = {}
+    for name, shape in LEAN_SHAPES.items():
+        kind = "roberta" if name == "roberta" else "gpt2"
+        tokenizer = make_tiny_assets.build_tokenizer(kind, [corpus], work / f"{name}-tokenizer",
+                                                     vocab_size=shape.vocab)
+        if kind == "roberta":
+            models["roberta", shape] = make_tiny_assets.build_model(kind, tokenizer, work / name, **shape.config(kind))
+        else:
+            models["llama", shape] = build_long_llama(tokenizer, work / name, shape)
+    return train_file, models
+
+
+def build_long_llama(tokenizer_dir, folder, shape):
+    """A Llama of the shape in SmolLM2's proportions (feed-forward 8/3 of the width, 3 key/value heads, tied
+    embeddings), with 2048 positions."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    config = LlamaConfig(vocab_size=shape.vocab, hidden_size=shape.hidden, intermediate_size=shape.hidden * 8 // 3,
+                         num_hidden_layers=shape.layers, num_attention_heads=shape.heads,
+                         num_key_value_heads=3 if shape.heads % 3 == 0 else shape.heads, max_position_embeddings=2048,
+                         tie_word_embeddings=True, bos_token_id=tokenizer.eos_token_id,
+                         eos_token_id=tokenizer.eos_token_id)
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def lean_schedule():
+    """Each comparison as a pair of runs, the model's own forward first: seq_bn, as in the issue's measurement."""
+    llama, large, roberta = LEAN_SHAPES["llama"], LEAN_SHAPES["large_vocab"], LEAN_SHAPES["roberta"]
+    pairs = [("run_clm", llama, variant, "llama") for variant in ("fp32", "checkpointing")]
+    pairs += [("run_clm", large, "fp32", "llama"), ("run_mlm", roberta, "fp32", None)]
+    return [[Run(script, "seq_bn", shape, variant, model=model, lean=lean) for lean in (False, True)]
+            for script, shape, variant, model in pairs]
+
+
+def summarise_lean(pairs):
+    rows = []
+    for (own_run, own), (_, lean) in pairs:
+        row = {"script": own_run.script, "shape": own_run.shape.name, "variant": own_run.variant,
+               "tokens": own_run.shape.batch * own_run.shape.block}
+        for name, result in (("own", own), ("lean", lean)):
+            if "error" in result:
+                row[f"{name}_error"] = result["error"]
+                continue
+            row[f"{name}_peak_mib"] = result["train_peak_rss_mib"]
+            row[f"{name}_added_mib"] = result["train_peak_rss_mib"] - result["train_start_rss_mib"]
+            row[f"{name}_step_s"] = min(result["step_s"])
+            row[f"{name}_tokens_per_s"] = row["tokens"] / row[f"{name}_step_s"]
+        if "own_error" not in row and "lean_error" not in row:
+            row["peak_x"] = row["lean_peak_mib"] / row["own_peak_mib"]
+            row["added_x"] = row["lean_added_mib"] / row["own_added_mib"]
+            row["step_x"] = row["lean_step_s"] / row["own_step_s"]
+        rows.append(row)
+    return rows
+
+
+def lean_markdown(results):
+    lines = [
+        "# The lean loss against the model's own forward", "",
+        f"Machine: {results['machine']['cpu']}, {results['machine']['cores']} cores, torch "
+        f"{results['machine']['torch']}; {results['minutes']:.1f} minutes. Each run: seq_bn, fp32, a fresh process, "
+        f"{LEAN_STEPS} timed steps after the first. Peak: resident memory of the process during training (weights "
+        "included); added: peak minus resident at the start of training. Step: the fastest timed step.", "",
+        "| script | shape | variant | own peak MiB | lean peak MiB | peak | added | own tokens/s | lean tokens/s "
+        "| step time |",
+        "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for row in results["rows"]:
+        if "peak_x" not in row:
+            lines.append(f"| {row['script']} | {row['shape']} | {row['variant']} | "
+                         f"{row.get('own_error', '')} | {row.get('lean_error', '')} | | | | | |")
+            continue
+        lines.append(
+            f"| {row['script']} | {row['shape']} | {row['variant']} | {row['own_peak_mib']:,.0f} | "
+            f"{row['lean_peak_mib']:,.0f} | {row['peak_x']:.2f}x | {row['added_x']:.2f}x | "
+            f"{row['own_tokens_per_s']:,.0f} | {row['lean_tokens_per_s']:,.0f} | {row['step_x']:.2f}x |")
+    return "\n".join(lines) + "\n"
+
+
+def run_lean_benchmark(out):
+    with tempfile.TemporaryDirectory(prefix="lm-lean-") as folder:
+        work = Path(folder)
+        train_file, models = build_lean_assets(work)
+        progress(f"assets built in {work}")
+        pairs = []
+        for pair in lean_schedule():
+            measured = []
+            for run in pair:
+                result = train_once(run, models, train_file, work, LEAN_STEPS, len(pairs) * 2 + len(measured),
+                                    count_flops=False)
+                measured.append((run, result))
+                outcome = result.get("error") or (
+                    f"peak {result['train_peak_rss_mib']:,.0f} MiB, fastest step {min(result['step_s']):.2f} s")
+                progress(f"  {run.script} {run.shape.name} {run.variant} {'lean' if run.lean else 'own'}: {outcome}")
+            pairs.append(measured)
+    results = {"machine": machine_description(), "minutes": (time.perf_counter() - START) / 60,
+               "rows": summarise_lean(pairs)}
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "lean.json").write_text(json.dumps(results, indent=2) + "\n")
+    (out / "lean.md").write_text(lean_markdown(results))
+    print(lean_markdown(results))
+    progress(f"wrote {out / 'lean.json'} and {out / 'lean.md'}")
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="a small shape and one round: under 3 minutes")
@@ -823,8 +955,14 @@ def main(argv=None):
                         help="the tests' tiny models, one step per run: checks that the benchmark runs, in a minute")
     parser.add_argument("--memory", action="store_true",
                         help="only the memory of gradient checkpointing and 4-bit/8-bit bases, at 12 layers")
+    parser.add_argument("--lean", action="store_true",
+                        help="only the lean loss against the model's own forward (--no_lean_loss): peak memory and "
+                        "tokens/s on the shapes of issue 29, with fewer layers")
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results", help="folder for the results")
     args = parser.parse_args(argv)
+    if args.lean:
+        run_lean_benchmark(args.out)
+        return
     if args.memory:
         run_memory_benchmark(args.out)
         return

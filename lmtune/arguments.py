@@ -112,6 +112,13 @@ class ModelArguments:
             "help": "Like --load_in_4bit, with the linear layers quantized to 8 bits (LLM.int8 by bitsandbytes)."
         },
     )
+    lean_loss: bool = field(
+        default=True,
+        metadata={
+            "help": "Compute the loss without the full batch x length x vocabulary logits, for less memory; used "
+            "where the first batch gives the model's own loss and gradients (README: The lean loss)."
+        },
+    )
 
 
 @dataclass

@@ -90,12 +90,20 @@ def sliding_windows(length, window, stride):
     return windows
 
 
+def next_token_losses(model, inputs, labels):
+    """The loss of each next token (0 where its label is -100) from the model's logits: the logits at position i
+    predict the label at position i + 1."""
+    return token_losses(model(**inputs).logits[:, :-1], labels[:, 1:])
+
+
 @torch.no_grad()
-def sliding_window_loss(model, token_ids, window, stride, batch_size, collator):
+def sliding_window_loss(model, token_ids, window, stride, batch_size, collator, losses_of=None):
     """The mean loss of the model over the tokens that the sliding windows of token_ids score (sliding_windows) and
     their number, computed with the model in eval mode, batch_size windows at a time. collator turns the windows'
     features (input_ids, attention_mask, labels: -100 where a token is not scored) into the model's batch, as in
-    evaluation; the labels it returns may be longer than the windows (prompt tuning's virtual tokens are -100)."""
+    evaluation; the labels it returns may be longer than the windows (prompt tuning's virtual tokens are -100).
+    losses_of(model, inputs, labels) computes the next tokens' losses instead of next_token_losses (the lean
+    loss's chunks)."""
     token_ids = np.asarray(token_ids, dtype=np.int64)
     was_training = model.training
     model.eval()
@@ -110,9 +118,8 @@ def sliding_window_loss(model, token_ids, window, stride, batch_size, collator):
                                  "labels": labels})
             inputs = {name: tensor.to(model.device) for name, tensor in collator(features).items()}
             labels = inputs.pop("labels")
-            logits = model(**inputs).logits
-            # The logits at position i predict the label at position i + 1; token_losses is 0 where it is -100.
-            loss_sum += float(token_losses(logits[:, :-1], labels[:, 1:]).sum(dtype=torch.float64))
+            losses = (losses_of or next_token_losses)(model, inputs, labels)
+            loss_sum += float(losses.sum(dtype=torch.float64))
             scored += int((labels[:, 1:] != -100).sum())
     finally:
         model.train(was_training)

@@ -1,5 +1,6 @@
-"""The objective: what a script's kind of language modeling hands the shared phases (its model class and loss, its
-collator and the labels of prompt tuning's virtual tokens, its metrics, its samples, its hub and PEFT task)."""
+"""The objective: what a script's kind of language modeling hands the shared phases (its model class and loss, the
+lean path of its loss, its collator and the labels of prompt tuning's virtual tokens, its metrics, its samples, its
+hub and PEFT task)."""
 
 import torch
 
@@ -16,8 +17,11 @@ class Objective:
     peft_task_type = None  # PEFT's task type of an exported LoRA; None loads it as a plain PeftModel
     label_offset = 0  # the logits at position i predict the label at position i + label_offset
     length_flag = None  # the flag of the examples' length, e.g. --block_size
+    lean_loss_kind = None  # how lmtune.lean_loss computes the loss without the full logits: CAUSAL or MASKED
 
-    def __init__(self):
+    def __init__(self, lean_loss=True):
+        """lean_loss: --lean_loss, whether the loss may take the lean path, where it gives the model's own numbers."""
+        self.lean_loss = self.lean_loss_kind if lean_loss else None
         self.compute_metrics = TokenMetrics(self.label_offset)
         self.collator = None  # the batches' collator, once make_collator has made it
 

@@ -18,6 +18,7 @@ from lmtune.adapter_files import adapter_weights_on_cpu, load_saved_adapter, sav
 from lmtune.callbacks import LogLossWhereItCounts, StopOnDivergence, StopOnSignal, TrainLossSum
 from lmtune.errors import FIX_ADAPTER, UsageError, first_line
 from lmtune.hub import adapter_card
+from lmtune.lean_loss import LeanLossMixin
 from lmtune.logs import log_message_dropped
 from lmtune.stopping import stop_signals, workers_ignoring_stop_signals
 
@@ -32,7 +33,7 @@ LEGACY_LOSS_SUM_FILE = "train_loss_sum.json"
 THROUGHPUT_METRICS = ("train_samples_per_second", "train_steps_per_second", "train_tokens_per_second")
 
 
-class LanguageModelingTrainer(Trainer):
+class LanguageModelingTrainer(LeanLossMixin, Trainer):
     """The Trainer, except that a resumed run reports the train_loss of the uninterrupted run (TrainLossSum), trains
     nothing more from a checkpoint at the end of training, and stops on a step whose loss is not finite."""
 

@@ -37,6 +37,7 @@ def build_trainer(objective, model, tokenizer, train_dataset, eval_dataset, trai
         preprocess_logits_for_metrics=objective.preprocess_logits_for_metrics if training_args.do_eval else None,
         compute_loss_func=objective.compute_loss_func(training_args),
         callbacks=objective.trainer_callbacks(),
+        lean_loss=objective.lean_loss,
         **adapter_kwargs,
     )
 
@@ -113,6 +114,6 @@ def sliding_window_metrics(trainer, sliding_window):
     with trainer.autocast_smart_context_manager():
         loss, scored = sliding_window_loss(trainer.model, sliding_window.token_ids, sliding_window.window,
                                            sliding_window.stride, trainer.args.per_device_eval_batch_size,
-                                           trainer.data_collator)
+                                           trainer.data_collator, trainer.lean_next_token_losses())
     return {"eval_strided_loss": loss, "strided_perplexity": perplexity(loss), "eval_stride": sliding_window.stride,
             "eval_strided_tokens": scored, "eval_strided_runtime": round(time.perf_counter() - start, 4)}

@@ -1,17 +1,14 @@
-"""What run_clm.py and run_mlm.py share, by concern; each script hands in what its objective needs.
+"""What run_clm.py and run_mlm.py share, in modules of one concern each; each script hands the shared phases its
+objective (lmtune.objective.Objective), and the package never imports a script.
 
-- arguments: the argument groups both scripts share, the parser and its --help
-- checks: the up-front checks of the arguments
-- output_dir: the output folder's lock, its checkpoints and resuming
-- data: reading raw data, and turning texts into examples
-- modeling: config, tokenizer, model, quantization and example length
-- adapter_setup: adapters.init, interfaces, new and saved adapters, the trial training step
-- training: the Trainer subclasses, adapter saving, train and evaluate
-- metrics: per-token losses, accuracy and perplexity
-- reporting: samples, merging, the hub, the plot and the summary
-- peft_export: --export_peft, the LoRA adapter in PEFT's layout
-- stopping: SIGTERM, SIGUSR1 and Ctrl-C, for the whole run and its worker processes
-- errors, logs, hardware: one-line errors, silenced noise, what the machine has
+- set-up and checks: arguments, checks, hardware, logs, errors, stopping, output_dir
+- inputs: hub, data, modeling
+- the adapter: interfaces, adapter_setup, adapter_files, trial_step
+- training: trainer, callbacks, lean_loss, training, metrics
+- what a run writes besides: samples, merge, peft_export, reporting
+
+Importing the package silences one notice of bitsandbytes, which it prints when it is imported (by transformers'
+Trainer and by adapters, when the scripts import their modules), before any set-up step of a run could.
 """
 
 from lmtune.logs import silence_bitsandbytes_kernel_notice

@@ -12,16 +12,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import adapters
-import torch
-from adapters import (
-    ADAPTER_CONFIG_MAP,
-    AdapterConfig,
-    ConfigUnion,
-    LoRAConfig,
-    MTLLoRAConfig,
-    PromptTuningConfig,
-    Stack,
-)
+from adapters import ADAPTER_CONFIG_MAP, AdapterConfig, ConfigUnion, LoRAConfig, MTLLoRAConfig, Stack
 from adapters.configuration.adapter_config import ReftConfig
 from adapters.loading import AdapterLoader
 from adapters.methods.lora import LoRAMergedLinear
@@ -215,30 +206,6 @@ def check_adapter_config_keys(path, components):
                 f"--adapter_config {path}: {type(component).__name__} has no setting '{unknown[0]}'"
                 f"{f' (did you mean {close[0]}?)' if close else ''}; fix the key in the file."
             )
-
-
-class PromptLabelCollator:
-    """Gives the virtual tokens of prompt tuning the label -100: the model's output is longer than its input by
-    the prompt, and the loss and the metrics need labels of the same length."""
-
-    def __init__(self, collator, start, length):
-        self.collator, self.start, self.length = collator, start, length
-
-    def __call__(self, examples):
-        batch = self.collator(examples)
-        labels = batch["labels"]
-        prompt = labels.new_full((labels.shape[0], self.length), -100)
-        batch["labels"] = torch.cat([labels[:, : self.start], prompt, labels[:, self.start :]], dim=1)
-        return batch
-
-
-def with_prompt_labels(collator, model):
-    prompt_tuning = getattr(model.base_model, "prompt_tuning", None)
-    active = getattr(model, "active_adapters", None)
-    if prompt_tuning is None or not active or active.first() not in prompt_tuning.prompt_tunings:
-        return collator  # adapters applies the prompt of the first active adapter only
-    config = model.adapters_config.match(active.first(), PromptTuningConfig)
-    return PromptLabelCollator(collator, 1 if config.combine == "prefix_after_bos" else 0, config.prompt_length)
 
 
 @contextmanager

@@ -3,6 +3,7 @@ lean path of its loss, its collator and the labels of prompt tuning's virtual to
 hub and PEFT task)."""
 
 import torch
+from adapters import PromptTuningConfig
 
 from lmtune.metrics import TokenMetrics, predictions_and_losses
 
@@ -77,7 +78,5 @@ def with_prompt_labels(collator, model):
     active = getattr(model, "active_adapters", None)
     if prompt_tuning is None or not active or active.first() not in prompt_tuning.prompt_tunings:
         return collator  # adapters applies the prompt of the first active adapter only
-    from adapters import PromptTuningConfig
-
     config = model.adapters_config.match(active.first(), PromptTuningConfig)
     return PromptLabelCollator(collator, 1 if config.combine == "prefix_after_bos" else 0, config.prompt_length)

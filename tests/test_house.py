@@ -53,3 +53,23 @@ def test_the_package_never_imports_a_script():
             names = [alias.name for alias in node.names] if isinstance(node, ast.Import) else (
                 [node.module] if isinstance(node, ast.ImportFrom) else [])
             assert not {name.split(".")[0] for name in names if name} & {"run_clm", "run_mlm"}, module.name
+
+
+def test_no_function_takes_more_than_seven_parameters():
+    # A phase that needs more takes the objective, which holds what a script's kind of language modeling hands in.
+    crowded = []
+    for path in (REPO / "run_clm.py", REPO / "run_mlm.py", *(REPO / "lmtune").glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                names = [argument.arg for argument in (*node.args.posonlyargs, *node.args.args,
+                                                       *node.args.kwonlyargs)]
+                if len([name for name in names if name not in ("self", "cls")]) > 7:
+                    crowded.append(f"{path.name}:{node.name}")
+    assert not crowded
+
+
+def test_every_module_of_the_package_says_what_it_holds():
+    modules = sorted((REPO / "lmtune").glob("*.py"))
+    assert len(modules) > 20
+    for module in modules:
+        assert ast.get_docstring(ast.parse(module.read_text())), f"{module.name} has no docstring"

@@ -145,7 +145,14 @@ def end_on_sigterm_from_parent():
 def workers_ignoring_stop_signals(dataloader):
     """The DataLoader, its worker processes ignoring the stop signals, its worker_init_fn (the Trainer's seeding) kept.
     A signal in the milliseconds between a worker's start and its worker_init_fn still ends it."""
-    loader = getattr(dataloader, "base_dataloader", dataloader)  # accelerate's wrapper iterates the one it wraps
+    loader = dataloader
+    # accelerate's wrapper iterates the loader it wraps (base_dataloader); on XLA, torch_xla's device loader wraps
+    # accelerate's (_loader).
+    while not hasattr(loader, "worker_init_fn"):
+        loader = getattr(loader, "base_dataloader", None) or getattr(loader, "_loader", None)
+        if loader is None:
+            return dataloader
+    loader = getattr(loader, "base_dataloader", loader)
     init = loader.worker_init_fn
     if loader.num_workers and not (isinstance(init, partial) and init.func is worker_ignoring_stop_signals):
         loader.worker_init_fn = partial(worker_ignoring_stop_signals, init)

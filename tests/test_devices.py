@@ -19,6 +19,7 @@ from lmtune.adapter_files import save_adapter_files
 from lmtune.adapter_setup import setup_adapter
 from lmtune.merge import plain_model
 from lmtune.samples import write_samples
+from lmtune.stopping import worker_ignoring_stop_signals, workers_ignoring_stop_signals
 
 
 def saved_adapter(base, folder, name, config):
@@ -113,3 +114,11 @@ def test_no_samples_are_generated_on_xla_said_in_one_line(caplog):
     with caplog.at_level(logging.WARNING, logger="lmtune.samples"):
         assert write_samples(None, trainer, None, None, 32, SimpleNamespace(num_samples=3), None) is None
     assert "No samples on XLA (TPUs)" in caplog.text
+
+
+def test_loader_workers_ignore_the_stop_signals_behind_xlas_device_loader():
+    # On XLA the Trainer's loader is torch_xla's device loader around accelerate's: the run failed at its first step.
+    loader = torch.utils.data.DataLoader(list(range(4)), num_workers=1)
+    device_loader = SimpleNamespace(_loader=loader)  # what torch_xla's MpDeviceLoader keeps of the loader it wraps
+    assert workers_ignoring_stop_signals(device_loader) is device_loader
+    assert loader.worker_init_fn.func is worker_ignoring_stop_signals

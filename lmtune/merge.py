@@ -2,13 +2,12 @@
 transformers model is written."""
 
 import copy
-import tempfile
 from dataclasses import replace
 from pathlib import Path
 
 import torch
+from adapters.loading import AdapterLoader
 
-from lmtune.adapter_files import save_adapter_files
 from lmtune.arguments import quantizes
 from lmtune.interfaces import init_adapters, reads_tuple_cache
 from lmtune.modeling import load_config, load_model
@@ -59,10 +58,14 @@ def copy_to_merge(model, tokenizer, model_args, adapter_args):
     full_precision = replace(model_args, load_in_4bit=False, load_in_8bit=False)
     base = load_model(full_precision, load_config(full_precision), tokenizer, plain_class(model), model.loss_type)
     init_adapters(base, adapter_args)
-    with tempfile.TemporaryDirectory() as folder:
-        save_adapter_files(model, Path(folder), adapter_args.adapter_name, use_safetensors=True)
-        base.load_adapter(folder, load_as=adapter_args.adapter_name, with_head=False, use_safetensors=True,
-                          set_active=True)
+    name = adapter_args.adapter_name
+    base.add_adapter(name, config=model.adapters_config.get(name), set_active=True)
+    # The adapter's weights are not quantized: they go over as they are, under the same names.
+    belongs = AdapterLoader(model).filter_func(name)
+    trained = {key: tensor for key, tensor in model.state_dict().items() if belongs(key)}
+    unexpected = base.load_state_dict(trained, strict=False).unexpected_keys
+    if unexpected:
+        raise RuntimeError(f"The adapter's weights have no place in the full-precision base, e.g. {unexpected[0]}.")
     return base
 
 

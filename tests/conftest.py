@@ -207,7 +207,8 @@ def run_script(script, *args, cwd=None):
 
 # The files whose runs take longest (subprocesses, launches of two processes, the README's quick start) go first, so
 # that pytest-xdist, which hands out whole files, does not leave one of them to run alone at the end.
-LONGEST_FIRST = ["test_distributed.py", "test_readme.py", "test_reliability.py", "test_benchmark.py"]
+LONGEST_FIRST = ["test_distributed.py", "test_signals.py", "test_readme.py", "test_reliability.py",
+                 "test_hub_and_files.py", "test_benchmark.py"]
 
 
 def pytest_collection_modifyitems(items):

@@ -4,9 +4,11 @@ end of training, and, with an adapter, checkpoints, saves and hub pushes of the 
 import json
 import logging
 import pickle
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
+import transformers.trainer
 from adapters import AdapterTrainer
 from huggingface_hub import HfApi
 from safetensors.torch import load_file
@@ -204,6 +206,17 @@ class AdapterOnlyTrainer(LanguageModelingTrainer, AdapterTrainer):
         self.adapter_saved = False  # whether save_model has written <output_dir>/<adapter_name>/ in this run
         super().__init__(*args, **kwargs)
 
+    def _save_optimizer_and_scheduler(self, output_dir):
+        if not self.is_fsdp_enabled:
+            super()._save_optimizer_and_scheduler(output_dir)
+            return
+        # Under FSDP the Trainer writes the whole model besides, gathered by every process onto the main one, into each
+        # checkpoint (pytorch_model_fsdp.bin) for a resume of its own: the frozen base, as large as the model, every
+        # --save_steps. A resume here loads the adapter alone into the shards (load_into_shards), so that file is left
+        # out; the optimizer's state, the scheduler's and the random states stay.
+        with fsdp_model_not_saved():
+            super()._save_optimizer_and_scheduler(output_dir)
+
     def save_model(self, output_dir=None, _internal_call=False):
         # Noted first: the Trainer's save_model ends with a push (push_to_hub), which uploads what it has just written.
         self.adapter_saved = self.adapter_saved or output_dir is None or Path(output_dir) == Path(self.args.output_dir)
@@ -274,6 +287,18 @@ class AdapterOnlyTrainer(LanguageModelingTrainer, AdapterTrainer):
             # A weights file in the other format, from an earlier push, would otherwise be loaded instead.
             delete_patterns=["adapter.safetensors", "pytorch_adapter.bin"],
         )
+
+
+@contextmanager
+def fsdp_model_not_saved():
+    """The Trainer's checkpoint without FSDP's whole-model file: transformers calls accelerate's save_fsdp_model by
+    its own module's name, for the model alone, beside save_fsdp_optimizer."""
+    saves_model = transformers.trainer.save_fsdp_model
+    transformers.trainer.save_fsdp_model = lambda *args, **kwargs: None
+    try:
+        yield
+    finally:
+        transformers.trainer.save_fsdp_model = saves_model
 
 
 def load_into_shards(model, folder):

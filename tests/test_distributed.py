@@ -216,6 +216,9 @@ def test_fsdp_resumes_and_reloads_the_best_checkpoint_into_the_sharded_model(ass
     final = load_file(straight / "clm/adapter.safetensors")
     assert all(torch.equal(final[key], weight)
                for key, weight in load_file(straight / "checkpoint-2/clm/adapter.safetensors").items())
+    # The adapter is what a resume loads: FSDP's whole-model file, the size of the frozen base, is left out.
+    assert not list(straight.glob("checkpoint-*/pytorch_model_fsdp*"))
+    assert (straight / "checkpoint-2/optimizer.bin").is_file()  # accelerate's full optimizer state, which it needs
 
     resumed.mkdir(parents=True)
     shutil.copytree(straight / "checkpoint-2", resumed / "checkpoint-2")

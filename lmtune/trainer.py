@@ -250,6 +250,12 @@ class AdapterOnlyTrainer(LanguageModelingTrainer, AdapterTrainer):
         self.load_trained_adapter(Path(resume_from_checkpoint) / self.adapter_name)
 
     def _load_best_model(self):
+        if self.is_deepspeed_enabled:
+            # ZeRO-3 partitions every weight over the processes, which a plain load_adapter cannot write into; the
+            # engine's own checkpoint, in each checkpoint folder, restores them, as the Trainer's resume under
+            # DeepSpeed does (it never calls _load_from_checkpoint there).
+            Trainer._load_best_model(self)
+            return
         self.load_trained_adapter(Path(self.state.best_model_checkpoint) / self.adapter_name)
 
     def load_trained_adapter(self, folder):

@@ -11,7 +11,7 @@ import pytest
 import torch
 from conftest import tiny_run_arguments
 from safetensors.torch import load_file
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, Trainer
 
 import run_clm
 from lmtune import hardware
@@ -20,6 +20,7 @@ from lmtune.adapter_setup import setup_adapter
 from lmtune.merge import plain_model
 from lmtune.samples import write_samples
 from lmtune.stopping import worker_ignoring_stop_signals, workers_ignoring_stop_signals
+from lmtune.trainer import AdapterOnlyTrainer
 
 
 def saved_adapter(base, folder, name, config):
@@ -122,3 +123,17 @@ def test_loader_workers_ignore_the_stop_signals_behind_xlas_device_loader():
     device_loader = SimpleNamespace(_loader=loader)  # what torch_xla's MpDeviceLoader keeps of the loader it wraps
     assert workers_ignoring_stop_signals(device_loader) is device_loader
     assert loader.worker_init_fn.func is worker_ignoring_stop_signals
+
+
+def test_the_best_checkpoint_under_deepspeed_is_loaded_by_the_engine(monkeypatch):
+    # Under ZeRO-3 each process holds partitions of every weight: adapters' load_adapter, which the best checkpoint
+    # went through, copies whole tensors. GPU only, so the calls are what is shown here.
+    calls = []
+    monkeypatch.setattr(Trainer, "_load_best_model", lambda self: calls.append("engine"))
+    trainer = AdapterOnlyTrainer.__new__(AdapterOnlyTrainer)
+    trainer.load_trained_adapter = lambda folder: calls.append("adapter")
+    trainer.adapter_name, trainer.state = "clm", SimpleNamespace(best_model_checkpoint="out/checkpoint-2")
+    for deepspeed in (True, False):
+        trainer.is_deepspeed_enabled = deepspeed
+        trainer._load_best_model()
+    assert calls == ["engine", "adapter"]

@@ -127,7 +127,7 @@ def in_hub_cache(flag, name, model_args):
         with log_message_dropped("datasets.load", "Using the latest cached version"):
             try:
                 CachedDatasetModuleFactory(name, cache_dir=model_args.cache_dir).get_module()
-            except FileNotFoundError:
+            except (FileNotFoundError, AssertionError):  # it asserts a hub name's form: at most one "/"
                 return False
         return True
     adapter = flag in ("--load_adapter", "--load_lang_adapter")

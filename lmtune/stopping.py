@@ -4,7 +4,7 @@ ended by that signal, and with no process of the run left behind.
 
 The main process handles these signals for the whole run (StopSignals.handled). While the Trainer trains, the handler
 only notes the signal, and training stops at the end of the step in progress with a checkpoint
-(training.StopOnSignal). Anywhere else the handler raises StoppedBySignal at once, which unwinds the run through its
+(callbacks.StopOnSignal). Anywhere else the handler raises StoppedBySignal at once, which unwinds the run through its
 context managers: datasets' pool of tokenizer workers is terminated, the output folder's lock released. Schedulers and
 Ctrl-C signal the whole process group; the run's worker processes leave the stop to the main process."""
 
@@ -37,6 +37,7 @@ class StopSignals:
         self.installed = False
         self.noting = False  # while training: the handler only notes the signal
         self.last_checkpoint = None  # once training began: the function that finds its last complete checkpoint
+        self.fork_hook_registered = False  # leave_stops_to_the_parent, in every process forked from this one
 
     def handle(self, number, frame):
         if self.received is not None:
@@ -73,6 +74,9 @@ class StopSignals:
             yield
             return
         self.received, self.last_checkpoint = None, None
+        if not self.fork_hook_registered:  # once per process: os has no call to take one back
+            os.register_at_fork(after_in_child=leave_stops_to_the_parent)
+            self.fork_hook_registered = True
         previous = {number: signal.signal(number, self.handle) for number in STOP_SIGNALS}
         self.installed = True
         try:
@@ -117,9 +121,6 @@ def leave_stops_to_the_parent():
         if signal.getsignal(number) == stop_signals.handle:
             signal.signal(number, signal.SIG_DFL)
     stop_signals.installed = stop_signals.noting = False
-
-
-os.register_at_fork(after_in_child=leave_stops_to_the_parent)
 
 
 def worker_ignoring_stop_signals(worker_init_fn, worker_id):

@@ -61,14 +61,8 @@ def claimed_output_dir(training_args):
     created = not output_dir.exists()
     lock = lock_output_dir(output_dir)
     try:
-        yield
-    except UsageError:
-        raise
-    except Exception as error:  # the Rust libraries report a full disk as a plain Exception
-        refusal = refused_write(error, training_args)
-        if refusal is None:
-            raise
-        raise refusal from None
+        with writing(None, training_args):  # whatever was being written, where no narrower writing() named it
+            yield
     finally:
         Path(lock.lock_file).unlink(missing_ok=True)
         lock.release()
@@ -84,7 +78,7 @@ def writing(what, training_args):
         yield
     except UsageError:
         raise
-    except Exception as error:
+    except Exception as error:  # the Rust libraries report a full disk as a plain Exception
         refusal = refused_write(error, training_args, what)
         if refusal is None:
             raise

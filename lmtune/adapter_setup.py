@@ -27,6 +27,9 @@ from lmtune.peft_export import check_peft_export
 
 logger = logging.getLogger(__name__)
 
+# Sizes of adapters' configurations that make no adapter, or divide by zero, unless positive.
+POSITIVE_SIZES = ("r", "alpha", "reduction_factor", "prefix_length", "bottleneck_size", "prompt_length")
+
 
 def setup_adapter(model, adapter_args):
     """With --train_adapter, add a fresh (or loaded) adapter to the model and freeze everything else; with
@@ -157,10 +160,6 @@ def can_merge(config):
     components = config.configs if isinstance(config, ConfigUnion) else [config]
     return all(isinstance(component, LoRAConfig) and not isinstance(component, MTLLoRAConfig)
                and not component.use_gating for component in components)
-
-
-# Sizes of adapters' configurations that make no adapter, or divide by zero, unless positive.
-POSITIVE_SIZES = ("r", "alpha", "reduction_factor", "prefix_length", "bottleneck_size", "prompt_length")
 
 
 def check_adapter_config(spec):

@@ -32,6 +32,10 @@ from lmtune.output_dir import is_complete_checkpoint
 
 logger = logging.getLogger(__name__)
 
+# accelerate's distributed types in which an FSDP configuration applies (AcceleratorState): several processes on
+# accelerators. On CPUs (MULTI_CPU) accelerate runs plain data parallel instead.
+FSDP_DISTRIBUTED_TYPES = {kind for kind in DistributedType
+                          if kind.name.startswith("MULTI_") and kind is not DistributedType.MULTI_CPU}
 # torch.compile backends that torch lists (or not) but that run only with a package of their own.
 COMPILE_BACKEND_PACKAGES = {"tensorrt": "torch_tensorrt", "torch_tensorrt": "torch_tensorrt", "onnxrt": "onnxruntime",
                             "tvm": "tvm", "openxla": "torch_xla", "openxla_eval": "torch_xla",
@@ -460,12 +464,6 @@ def resolved_data_files(flag, path):
             f"{flag} {path} cannot be reached ({shorten(first_line(error))}); check the URL and the network, or give "
             "a local file."
         ) from None
-
-
-# accelerate's distributed types in which an FSDP configuration applies (AcceleratorState): several processes on
-# accelerators. On CPUs (MULTI_CPU) accelerate runs plain data parallel instead.
-FSDP_DISTRIBUTED_TYPES = {kind for kind in DistributedType
-                          if kind.name.startswith("MULTI_") and kind is not DistributedType.MULTI_CPU}
 
 
 def sharding_engines(training_args):

@@ -17,6 +17,13 @@ from lmtune.output_dir import writing
 
 logger = logging.getLogger(__name__)
 
+HUB_PROBE_SECONDS = 5  # how long a run waits to learn whether the Hugging Face Hub can be reached
+# The file that each flag's hub repository cannot be loaded without, any one of those listed, as the libraries look
+# for it in the local cache; adapters reads an adapter from the hub's default cache, not from --cache_dir.
+HUB_FILES = {"--model_name_or_path": ("config.json",), "--config_name": ("config.json",),
+             "--tokenizer_name": ("tokenizer_config.json", "config.json"),
+             "--load_adapter": ("adapter_config.json",), "--load_lang_adapter": ("adapter_config.json",)}
+
 
 def publish(objective, trainer, model_args, data_args):
     """Write a model card for the objective's task (a hub pipeline tag), and push to the hub when --push_to_hub asks
@@ -63,16 +70,6 @@ def adapter_card(trainer, card):
         f'model = {model_class}.from_pretrained("{base_name}")\nadapters.init(model)\n'
         f'model.load_adapter("{trainer.hub_model_id}", set_active=True)\n```\n'
     )
-
-
-HUB_PROBE_SECONDS = 5  # how long a run waits to learn whether the Hugging Face Hub can be reached
-
-
-# The file that each flag's hub repository cannot be loaded without, any one of those listed, as the libraries look
-# for it in the local cache; adapters reads an adapter from the hub's default cache, not from --cache_dir.
-HUB_FILES = {"--model_name_or_path": ("config.json",), "--config_name": ("config.json",),
-             "--tokenizer_name": ("tokenizer_config.json", "config.json"),
-             "--load_adapter": ("adapter_config.json",), "--load_lang_adapter": ("adapter_config.json",)}
 
 
 def check_hub_is_reachable(model_args, data_args, adapter_args, training_args):
